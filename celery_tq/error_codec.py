@@ -1,0 +1,153 @@
+"""Errors across the wire: convert what a task raised, encode it as JSON, rebuild it on the caller.
+
+The encoded form (key ``tq`` beside Celery's own ``exc_type``/``exc_message``/``exc_module``, so
+stock Celery clients still rebuild the class) keeps the type, the fields (``args``), context
+lines, the ``__cause__`` chain and the traceback as text. Tracebacks are never kept live.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+import traceback
+from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import TaskRevokedError
+
+from celery_tq.errors import (
+    Cancelled,
+    ExecutionFailed,
+    IoError,
+    ResourceUnavailable,
+    TaskError,
+    TaskTimeout,
+    WorkerLost,
+    add_context,
+    context_of,
+)
+
+__all__ = ["convert", "decode", "encode"]
+
+TASK_ATTR = "__tq_task__"
+_MAX_CHAIN = 8
+_CONNECTION_ERROR_NAMES = {"ConnectionError", "OperationalError", "InterfaceError"}
+_CONNECTION_ERROR_MODULES = ("redis", "kombu", "amqp", "psycopg", "sqlalchemy", "pymysql")
+
+
+def convert(exc: BaseException, task_name: str, timeout: float | None) -> BaseException:
+    """The error the caller should see for ``exc`` raised by (or around) ``task_name``."""
+    if isinstance(exc, TaskError):
+        return exc
+    converted: TaskError | None = None
+    if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
+        limit = timeout if timeout is not None else _limit_of(exc)
+        converted = TaskTimeout(task_name, limit)
+    elif isinstance(exc, WorkerLostError):
+        converted = WorkerLost(task_name, str(exc))
+    elif isinstance(exc, TaskRevokedError):
+        converted = Cancelled(task_name)
+    elif _is_connection_error(exc):
+        converted = ResourceUnavailable(_describe(exc))
+    elif isinstance(exc, OSError):
+        converted = IoError(exc.strerror or _describe(exc), str(exc.filename or ""))
+    if converted is None:
+        return exc
+    converted.__cause__ = exc
+    for line in context_of(exc):
+        add_context(converted, line)
+    return converted
+
+
+def encode(exc: BaseException, depth: int = 0) -> dict[str, Any]:
+    """A JSON-safe description of ``exc`` and its cause chain."""
+    cls = type(exc)
+    data: dict[str, Any] = {
+        "type": cls.__qualname__,
+        "module": cls.__module__,
+        "args": _json_safe(list(exc.args)),
+        "message": _describe(exc),
+        "retryable": bool(getattr(exc, "retryable", False)),
+        "context": list(context_of(exc)),
+        "traceback": _traceback_text(exc),
+        "cause": None,
+        "task": exc.__dict__.get(TASK_ATTR),
+    }
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if cause is not None and depth < _MAX_CHAIN:
+        data["cause"] = encode(cause, depth + 1)
+    return data
+
+
+def decode(data: dict[str, Any], task_name: str = "") -> BaseException:
+    """Rebuild an exception encoded by :func:`encode` (never imports modules, never runs code)."""
+    task_name = task_name or str(data.get("task") or "")
+    exc = _rebuild(data, task_name)
+    for line in data.get("context") or ():
+        if line not in context_of(exc):
+            context_of(exc).append(str(line))
+    exc.remote_traceback = data.get("traceback")  # type: ignore[attr-defined]
+    cause = data.get("cause")
+    if isinstance(cause, dict):
+        exc.__cause__ = decode(cause, task_name)
+    return exc
+
+
+def _rebuild(data: dict[str, Any], task_name: str) -> BaseException:
+    cls = _lookup(str(data.get("module", "")), str(data.get("type", "")))
+    args = data.get("args") or []
+    if cls is not None:
+        try:
+            return cls(*args)
+        except Exception:  # the class exists but does not take its own args back
+            pass
+    error = f"{data.get('module')}.{data.get('type')}: {data.get('message')}"
+    failed = ExecutionFailed(task_name or "?", error)
+    failed.original_type = f"{data.get('module')}.{data.get('type')}"  # type: ignore[attr-defined]
+    return failed
+
+
+def _lookup(module: str, qualname: str) -> type[BaseException] | None:
+    owner: Any = builtins if module == "builtins" else sys.modules.get(module)
+    for part in qualname.split("."):
+        owner = getattr(owner, part, None)
+    if isinstance(owner, type) and issubclass(owner, BaseException):
+        return owner
+    return None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    module = type(exc).__module__.split(".", 1)[0]
+    return module in _CONNECTION_ERROR_MODULES and any(
+        c.__name__ in _CONNECTION_ERROR_NAMES for c in type(exc).__mro__
+    )
+
+
+def _limit_of(exc: BaseException) -> float:
+    try:
+        return float(exc.args[0])
+    except (IndexError, TypeError, ValueError):
+        return 0.0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _traceback_text(exc: BaseException) -> str | None:
+    remote = getattr(exc, "remote_traceback", None)
+    if exc.__traceback__ is None:
+        return remote if isinstance(remote, str) else None
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=False))
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return [repr(v) for v in value] if isinstance(value, list) else repr(value)

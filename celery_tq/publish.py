@@ -1,0 +1,75 @@
+"""The one place a message gets its metadata: headers, broker priority, time limits, kwargsrepr.
+
+Every path that sends a task (``apply_async``, ``delay``, signatures and canvas, ``send_task`` by
+name, retries) ends in ``app.amqp.send_task_message``; the app's AMQP object is given a sender
+that adds the metadata there, so all of them mean the same thing on every broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import EncodeError
+
+from celery_tq.errors import InvalidInput
+from celery_tq.metadata import TaskMetadata
+from celery_tq.routing import to_broker_priority
+from celery_tq.settings import TqSettings
+
+__all__ = ["wire_publisher"]
+
+Sender = Callable[..., Any]
+_MARK = "[tq "
+
+
+def _defaults_for(app: Celery, name: str) -> TaskMetadata:
+    task = app.tasks.get(name)
+    metadata = getattr(task, "tq_metadata", None)
+    return metadata if isinstance(metadata, TaskMetadata) else TaskMetadata()
+
+
+def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
+    def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:
+        headers, _properties, _body, sent_event = message
+        tags = options.pop("tags", None)
+        if tags is None:
+            tags = options.pop("tq_tags", None)
+        timeout = options.pop("timeout", None)
+        if timeout is None:
+            timeout = options.pop("tq_timeout", None)
+        if "publish_timeout" in options:
+            options["timeout"] = options.pop("publish_timeout")
+        metadata = _defaults_for(app, name).merged(
+            priority=options.pop("priority", None), timeout=timeout, tags=tags
+        )
+        headers.update(metadata.to_headers())
+        if metadata.timeout is not None and not any(headers.get("timelimit") or ()):
+            headers["timelimit"] = [metadata.timeout + settings.timeout_grace, metadata.timeout]
+        kwargsrepr = str(headers.get("kwargsrepr") or "{}")
+        if _MARK not in kwargsrepr:
+            kwargsrepr = f"{kwargsrepr} {_MARK}{metadata.describe()}]"
+            headers["kwargsrepr"] = kwargsrepr
+            if sent_event:
+                sent_event["kwargs"] = kwargsrepr
+        driver = producer.connection.transport.driver_type
+        options["priority"] = to_broker_priority(driver, metadata.priority)
+        try:
+            return send(producer, name, message, **options)
+        except EncodeError as exc:
+            raise InvalidInput(f"arguments of {name} cannot be serialized ({exc}); nothing was sent") from exc
+
+    return send_task_message
+
+
+def wire_publisher(app: Celery) -> None:
+    """Give ``app.amqp`` a task sender that adds tq metadata to every message."""
+    amqp: Any = app.amqp  # private hook: celery-types does not describe it
+    amqp.__dict__.pop("send_task_message", None)  # a cached sender made before install
+    create = amqp._create_task_sender
+
+    def _create_task_sender() -> Sender:
+        return _with_metadata(app, TqSettings.from_app(app), create())
+
+    amqp._create_task_sender = _create_task_sender

@@ -1,0 +1,65 @@
+"""Make any Celery result backend carry structured errors (see :mod:`celery_tq.error_codec`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.backends.base import Backend
+
+from celery_tq import error_codec
+
+__all__ = ["StructuredErrorsMixin", "wire_backend"]
+
+
+class StructuredErrorsMixin:
+    """Backend mixin: failures are stored with the ``tq`` envelope and rebuilt from it."""
+
+    def mark_as_failure(self, task_id: str, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
+        # Hard time limits and lost workers are stored by the worker's main process with
+        # Celery's own exceptions; the caller gets ours.
+        request = kwargs.get("request")
+        task_name = str(getattr(request, "task", None) or getattr(request, "name", "") or "")
+        limits = getattr(request, "timelimit", None) or (None, None)
+        exc = error_codec.convert(exc, task_name, limits[1])  # report the declared (soft) limit
+        exc.__dict__.setdefault(error_codec.TASK_ATTR, task_name)
+        return super().mark_as_failure(task_id, exc, *args, **kwargs)  # type: ignore[misc]
+
+    def prepare_exception(self, exc: BaseException, serializer: str | None = None) -> Any:
+        prepared = super().prepare_exception(exc, serializer)  # type: ignore[misc]
+        if isinstance(prepared, dict):
+            prepared["tq"] = error_codec.encode(exc)
+        return prepared
+
+    def exception_to_python(self, exc: Any) -> Any:
+        if isinstance(exc, dict) and isinstance(exc.get("tq"), dict):
+            return error_codec.decode(exc["tq"])
+        return super().exception_to_python(exc)  # type: ignore[misc]
+
+
+_classes: dict[type[Backend], type[Backend]] = {}
+
+
+def with_structured_errors(backend: Backend) -> Backend:
+    """Give one backend instance the mixin (its class is swapped for a cached subclass)."""
+    cls = type(backend)
+    if issubclass(cls, StructuredErrorsMixin):
+        return backend
+    if cls not in _classes:
+        _classes[cls] = type(cls.__name__, (StructuredErrorsMixin, cls), {})
+    backend.__class__ = _classes[cls]
+    return backend
+
+
+def wire_backend(celery_app: Celery) -> None:
+    """Every backend this app creates (one per thread) gets structured errors."""
+    app: Any = celery_app  # private hooks: celery-types does not describe them
+    create = app._get_backend
+
+    def _get_backend() -> Backend:
+        return with_structured_errors(create())
+
+    app._get_backend = _get_backend
+    backend = getattr(app._local, "backend", None)
+    if backend is not None:
+        with_structured_errors(backend)

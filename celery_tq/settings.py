@@ -1,0 +1,92 @@
+"""One frozen object for every ``tq_*`` setting, read from the app's configuration."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from celery_tq.errors import ConfigurationError
+from celery_tq.metadata import MAX_PRIORITY, MIN_PRIORITY, validate_priority
+
+__all__ = ["DEFAULT_QUEUE", "TqSettings"]
+
+logger = logging.getLogger("celery_tq")
+
+DEFAULT_QUEUE = "tq.default"
+
+DEFAULTS: dict[str, Any] = {
+    "tq_timeout_grace": 5.0,
+    "tq_priority_bands": None,
+    "tq_default_queue": DEFAULT_QUEUE,
+    "tq_retry_backoff": 1.0,
+    "tq_retry_backoff_max": 60.0,
+    "tq_result_expires": 7 * 24 * 3600,
+    "tq_registry_url": None,
+    "tq_max_priority": 10,
+}
+
+
+@dataclass(frozen=True)
+class TqSettings:
+    """The plugin's settings; every field comes from the ``tq_<field>`` key."""
+
+    timeout_grace: float
+    priority_bands: Mapping[str, tuple[int, int]] | None
+    default_queue: str
+    retry_backoff: float
+    retry_backoff_max: float
+    result_expires: float
+    registry_url: str | None
+    max_priority: int
+
+    @classmethod
+    def from_app(cls, app: Celery) -> TqSettings:
+        conf = app.conf
+        values = {key[3:]: conf.get(key, default) for key, default in DEFAULTS.items()}
+        bands = values["priority_bands"]
+        values["priority_bands"] = _validate_bands(bands) if bands else None
+        if float(values["timeout_grace"]) < 0:
+            raise ConfigurationError("tq_timeout_grace must be >= 0 seconds")
+        return cls(**values)
+
+    def queues(self) -> list[str]:
+        """Every queue a tq worker consumes, in band order (most urgent first)."""
+        if not self.priority_bands:
+            return [self.default_queue]
+        return sorted(self.priority_bands, key=lambda q: -self.priority_bands[q][1])  # type: ignore[index]
+
+    def queue_for(self, priority: int) -> str:
+        if self.priority_bands:
+            for queue, (low, high) in self.priority_bands.items():
+                if low <= priority <= high:
+                    return queue
+        return self.default_queue
+
+
+def _validate_bands(bands: object) -> dict[str, tuple[int, int]]:
+    if not isinstance(bands, Mapping):
+        raise ConfigurationError(
+            'tq_priority_bands must map queue names to (low, high), e.g. {"tq.high": (7, 9)}'
+        )
+    result: dict[str, tuple[int, int]] = {}
+    covered: dict[int, str] = {}
+    for queue, band in bands.items():
+        try:
+            low, high = (validate_priority(p) for p in band)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"tq_priority_bands[{queue!r}] = {band!r}: {exc}") from exc
+        if low > high:
+            raise ConfigurationError(f"tq_priority_bands[{queue!r}]: low {low} > high {high}")
+        for p in range(low, high + 1):
+            if p in covered:
+                raise ConfigurationError(f"priority {p} is in two bands: {covered[p]!r} and {queue!r}")
+            covered[p] = str(queue)
+        result[str(queue)] = (low, high)
+    missing = [p for p in range(MIN_PRIORITY, MAX_PRIORITY + 1) if p not in covered]
+    if missing:
+        logger.warning("tq_priority_bands leaves priorities %s to tq_default_queue", missing)
+    return result

@@ -1,0 +1,212 @@
+"""``install(app)``: the one place that wires celery-tq into a Celery app."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+from celery import Celery, signals
+from celery.concurrency import get_implementation
+from celery.result import AsyncResult
+
+from celery_tq import checks, presets, timeouts
+from celery_tq.errors import ConfigurationError
+from celery_tq.metadata import TaskMetadata
+from celery_tq.publish import wire_publisher
+from celery_tq.result_errors import wire_backend
+from celery_tq.routing import PriorityRouter, broker_kind, queues_for
+from celery_tq.settings import TqSettings
+from celery_tq.task import TqTask
+from celery_tq.transport import register_transports
+
+__all__ = ["TaskQueueSystem", "install", "system_for"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_systems: weakref.WeakKeyDictionary[Celery, TaskQueueSystem] = weakref.WeakKeyDictionary()
+
+
+class TaskQueueSystem:
+    """What ``install`` returns: decorate tasks, submit, wait, run a worker in-process, check."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._worker: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def settings(self) -> TqSettings:
+        return TqSettings.from_app(self.app)
+
+    @overload
+    def task(self, fun: F) -> Any: ...
+    @overload
+    def task(
+        self,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        tags: Iterable[str] | None = None,
+        **options: Any,
+    ) -> Callable[[F], Any]: ...
+
+    def task(
+        self,
+        fun: F | None = None,
+        *,
+        priority: int | None = None,
+        timeout: float | None = None,
+        tags: Iterable[str] | None = None,
+        **options: Any,
+    ) -> Any:
+        """``@tq.task(priority=Priority.HIGH, timeout=30, tags={"billing"})``; other options pass."""
+        metadata = TaskMetadata(
+            priority=TqTask.tq_metadata.priority if priority is None else priority,
+            timeout=timeout,
+            tags=frozenset(tags or ()),
+        )
+        base = options.pop("base", TqTask)
+        if not (isinstance(base, type) and issubclass(base, TqTask)):
+            raise ConfigurationError(f"base={base!r} must be TqTask or a subclass of it")
+
+        app_task: Any = self.app.task
+
+        def decorate(f: F) -> Any:
+            return app_task(
+                base=base,
+                tq_priority=metadata.priority,
+                tq_timeout=metadata.timeout,
+                tq_tags=tuple(sorted(metadata.tags)),
+                **options,
+            )(f)
+
+        return decorate(fun) if fun is not None else decorate
+
+    def submit(
+        self,
+        task: Any,
+        *args: Any,
+        priority: int | None = None,
+        tags: Iterable[str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Send ``task`` (a task or its name) and return the task id."""
+        options: dict[str, Any] = {"priority": priority, "tags": tags, "timeout": timeout}
+        options = {k: v for k, v in options.items() if v is not None}
+        if isinstance(task, str):
+            result = self.app.send_task(task, args=args, kwargs=kwargs, **options)
+        else:
+            result = task.apply_async(args, kwargs, **options)
+        return str(result.id)
+
+    def wait_for_result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The task's return value; raises the task's own error, or ``TimeoutError``."""
+        return AsyncResult(task_id, app=self.app).get(timeout=timeout, propagate=True)
+
+    def start(self, concurrency: int = 2, queues: Iterable[str] | None = None) -> None:
+        """Run a worker in this process (threads pool) until :meth:`shutdown`."""
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+        worker_cls: Any = self.app.WorkController
+        worker = worker_cls(
+            app=self.app,
+            pool="threads",
+            concurrency=concurrency,
+            queues=list(queues) if queues else None,
+            loglevel="WARNING",
+            logfile=None,
+            ready_callback=lambda consumer: ready.set(),
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+        )
+        self._worker = worker
+        self._thread = threading.Thread(target=worker.start, name="celery-tq-worker", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            self.shutdown()
+            raise ConfigurationError("the in-process worker did not become ready within 30 s")
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the in-process worker after its running tasks finish (warm shutdown)."""
+        if self._thread is None:
+            return
+        self._worker.stop(in_sighandler=False)
+        self._thread.join(timeout)
+        self._thread = None
+        self._worker = None
+
+    def check(self) -> list[checks.Finding]:
+        """Findings about this configuration, most severe first."""
+        return checks.run(self.app)
+
+
+def install(app: Celery, preset: str | dict[str, Any] | None = "development") -> TaskQueueSystem:
+    """Wire celery-tq into ``app`` (idempotent); the preset's settings are defaults only."""
+    system = _systems.get(app)
+    if system is not None:
+        return system
+    if getattr(app, "configured", False):
+        app.conf.add_defaults(presets.resolve(preset))
+    else:
+        app.add_defaults(lambda: presets.resolve(preset))
+    register_transports()
+    wire_publisher(app)
+    wire_backend(app)
+    _connect_signals(app)
+    if getattr(app, "configured", False):
+        _configure(app)
+    else:
+        app.on_after_configure.connect(
+            lambda sender, **kw: _configure(sender), weak=False, dispatch_uid=f"tq-cfg-{id(app)}"
+        )
+    system = _systems[app] = TaskQueueSystem(app)
+    return system
+
+
+def system_for(app: Celery) -> TaskQueueSystem:
+    """The system ``install(app)`` returned; ``ConfigurationError`` if it was never installed."""
+    try:
+        return _systems[app]
+    except KeyError:
+        raise ConfigurationError("celery_tq.install(app) was not called for this app") from None
+
+
+def _configure(app: Celery) -> None:
+    """Queues, routes and transport options that make priorities mean one thing everywhere."""
+    conf = app.conf
+    settings = TqSettings.from_app(app)
+    kind = broker_kind(conf.broker_url)
+    if not conf.task_queues:
+        names = settings.queues()
+        if conf.task_default_queue not in names:
+            names.append(conf.task_default_queue)  # plain tasks of the same app
+        conf.task_queues = queues_for(names, kind, settings.max_priority)
+    router = PriorityRouter(app)
+    routes = conf.task_routes
+    if not routes:
+        conf.task_routes = (router,)
+    elif not any(isinstance(r, PriorityRouter) for r in _as_list(routes)):
+        conf.task_routes = (*_as_list(routes), router)
+    if kind == "amqp" and conf.task_queue_max_priority is None:
+        conf.task_queue_max_priority = settings.max_priority
+    if kind == "redis":
+        options = dict(conf.broker_transport_options or {})
+        options.setdefault("priority_steps", list(range(10)))
+        conf.broker_transport_options = options
+
+
+def _as_list(routes: Any) -> list[Any]:
+    return list(routes) if isinstance(routes, list | tuple) else [routes]
+
+
+def _connect_signals(app: Celery) -> None:
+    def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            pool = get_implementation(sender.pool_cls)
+            timeouts.set_pool(pool.__module__.rsplit(".", 1)[-1])
+
+    signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=f"tq-pool-{id(app)}")

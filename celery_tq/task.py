@@ -1,0 +1,138 @@
+"""``TqTask``: a Celery task that carries metadata, fails with structured errors and retries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import TaskPredicate
+from celery.utils.time import get_exponential_backoff_interval
+
+from celery_tq import error_codec, timeouts
+from celery_tq.errors import TaskTimeout
+from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT, TaskMetadata
+from celery_tq.settings import TqSettings
+
+__all__ = ["TqTask", "call_options"]
+
+
+def call_options(metadata: TaskMetadata, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate a call's ``priority``/``timeout``/``tags`` against ``metadata``.
+
+    ``timeout`` and ``tags`` move to ``tq_timeout``/``tq_tags`` so Celery never mistakes the
+    run timeout for its publish timeout; the publisher turns them into headers.
+    """
+    options = dict(options)
+    tags = options.pop("tags", None)
+    timeout = options.pop("timeout", None)
+    if tags is None:
+        tags = options.pop("tq_tags", None)
+    if timeout is None:
+        timeout = options.pop("tq_timeout", None)
+    effective = metadata.merged(priority=options.get("priority"), timeout=timeout, tags=tags)
+    options["priority"] = effective.priority
+    options["tq_timeout"] = effective.timeout
+    options["tq_tags"] = sorted(effective.tags)
+    return options
+
+
+class TqTask(Task):  # type: ignore[type-arg]
+    """Base class of celery-tq tasks: ``@app.task(base=TqTask, tq_priority=7, tq_timeout=30)``.
+
+    ``tq_priority`` (0..9, higher is more urgent), ``tq_timeout`` (seconds) and ``tq_tags`` are
+    the task's defaults; a call may pass ``priority=``, ``timeout=`` and ``tags=``.
+    """
+
+    tq_priority: ClassVar[int | None] = None
+    tq_timeout: ClassVar[float | None] = None
+    tq_tags: ClassVar[Iterable[str]] = ()
+    tq_metadata: ClassVar[TaskMetadata] = TaskMetadata()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Celery builds a subclass per decorated function: validate its metadata right here.
+        priority = cls.tq_priority if cls.tq_priority is not None else cls.tq_metadata.priority
+        timeout = cls.tq_timeout if cls.tq_timeout is not None else cls.tq_metadata.timeout
+        cls.tq_metadata = TaskMetadata(
+            priority=priority, timeout=timeout, tags=cls.tq_metadata.tags | frozenset(cls.tq_tags)
+        )
+
+    @property
+    def metadata(self) -> TaskMetadata:
+        """The effective metadata of the current run (or the task's defaults outside a run)."""
+        request = self.request
+        headers = dict(getattr(request, "headers", None) or {})
+        for key in (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT):
+            value = getattr(request, key, None)
+            if value is not None:
+                headers[key] = value
+        if not any(k in headers for k in (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT)):
+            return self.tq_metadata
+        return TaskMetadata(
+            priority=headers.get(HEADER_PRIORITY, self.tq_metadata.priority),
+            timeout=headers.get(HEADER_TIMEOUT),
+            tags=frozenset(headers.get(HEADER_TAGS) or ()),
+        )
+
+    def apply_async(  # type: ignore[override]
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+    ) -> Any:
+        options = call_options(self.tq_metadata, options)
+        return super().apply_async(args, kwargs, task_id, **options)
+
+    def signature_from_request(self, request: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # A retry re-sends with the broker's (translated) priority; put ours back.
+        signature = super().signature_from_request(request, *args, **kwargs)
+        metadata = self.metadata
+        signature.options.update(
+            priority=metadata.priority, tq_timeout=metadata.timeout, tq_tags=sorted(metadata.tags)
+        )
+        return signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            return self.run(*args, **kwargs)
+        metadata = self.metadata
+        settings = TqSettings.from_app(self.app)
+        request = self.request
+
+        def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
+            error = TaskTimeout(self.name, metadata.timeout or 0.0)
+            self.backend.mark_as_failure(str(request.id), error, request=request)
+
+        try:
+            with timeouts.enforce(metadata.timeout, settings.timeout_grace, fail_hard_timeout) as clock:
+                result = super().__call__(*args, **kwargs)
+            if clock.hard_expired:
+                raise TaskTimeout(self.name, metadata.timeout or 0.0)
+            return result
+        except TaskPredicate:
+            raise  # Retry, Ignore, Reject: Celery's control flow
+        except Exception as exc:
+            error = error_codec.convert(exc, self.name, metadata.timeout)
+            assert isinstance(error, Exception)
+            if getattr(error, "retryable", False) and self._may_retry():
+                raise self.retry(exc=error, countdown=self._backoff(settings)) from None
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _may_retry(self) -> bool:
+        if self.request.is_eager:
+            return False
+        return self.max_retries is None or self.request.retries < self.max_retries
+
+    def _backoff(self, settings: TqSettings) -> float:
+        """Exponential backoff with full jitter (Celery's own helper)."""
+        own = getattr(self, "retry_backoff", None)  # Celery sets these only with autoretry_for
+        factor = own if isinstance(own, int | float) and not isinstance(own, bool) else None
+        maximum = getattr(self, "retry_backoff_max", None) or settings.retry_backoff_max
+        return float(
+            get_exponential_backoff_interval(
+                factor=max(1, round(factor if factor else settings.retry_backoff)),
+                retries=self.request.retries,
+                maximum=max(1, round(maximum)),
+                full_jitter=getattr(self, "retry_jitter", True) is not False,
+            )
+        )
