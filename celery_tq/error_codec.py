@@ -32,7 +32,7 @@ __all__ = ["convert", "decode", "encode"]
 
 TASK_ATTR = "__tq_task__"
 _MAX_CHAIN = 8
-_CONNECTION_ERROR_NAMES = {"ConnectionError", "OperationalError", "InterfaceError"}
+_CONNECTION_ERROR_NAMES = {"ConnectionError", "OperationalError", "InterfaceError", "TimeoutError"}
 _CONNECTION_ERROR_MODULES = ("redis", "kombu", "amqp", "psycopg", "sqlalchemy", "pymysql")
 
 
@@ -84,9 +84,7 @@ def decode(data: dict[str, Any], task_name: str = "") -> BaseException:
     """Rebuild an exception encoded by :func:`encode` (never imports modules, never runs code)."""
     task_name = task_name or str(data.get("task") or "")
     exc = _rebuild(data, task_name)
-    for line in data.get("context") or ():
-        if line not in context_of(exc):
-            context_of(exc).append(str(line))
+    context_of(exc)[:] = [str(line) for line in data.get("context") or ()]
     exc.remote_traceback = data.get("traceback")  # type: ignore[attr-defined]
     cause = data.get("cause")
     if isinstance(cause, dict):

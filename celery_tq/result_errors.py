@@ -15,15 +15,28 @@ __all__ = ["StructuredErrorsMixin", "wire_backend"]
 class StructuredErrorsMixin:
     """Backend mixin: failures are stored with the ``tq`` envelope and rebuilt from it."""
 
-    def mark_as_failure(self, task_id: str, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
-        # Hard time limits and lost workers are stored by the worker's main process with
-        # Celery's own exceptions; the caller gets ours.
-        request = kwargs.get("request")
-        task_name = str(getattr(request, "task", None) or getattr(request, "name", "") or "")
-        limits = getattr(request, "timelimit", None) or (None, None)
-        exc = error_codec.convert(exc, task_name, limits[1])  # report the declared (soft) limit
-        exc.__dict__.setdefault(error_codec.TASK_ATTR, task_name)
-        return super().mark_as_failure(task_id, exc, *args, **kwargs)  # type: ignore[misc]
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        # Hard time limits, lost workers and revokes are stored by the worker's main process
+        # with Celery's own exceptions; the caller gets ours.
+        if isinstance(result, BaseException):
+            task_name = str(getattr(request, "task", None) or getattr(request, "name", "") or "")
+            limits = getattr(request, "timelimit", None) or (None, None)
+            converted = error_codec.convert(result, task_name, limits[1])  # declared (soft) limit
+            if converted is not result and isinstance(traceback, str):
+                converted.remote_traceback = traceback  # type: ignore[attr-defined]
+            result = converted
+            result.__dict__.setdefault(error_codec.TASK_ATTR, task_name)
+        return super().store_result(  # type: ignore[misc]
+            task_id, result, state, traceback, request, **kwargs
+        )
 
     def prepare_exception(self, exc: BaseException, serializer: str | None = None) -> Any:
         prepared = super().prepare_exception(exc, serializer)  # type: ignore[misc]

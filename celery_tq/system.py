@@ -7,13 +7,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from celery import Celery, signals
+from celery import Celery, _state, signals
 from celery.concurrency import get_implementation
-from celery.result import AsyncResult
+from celery.result import AsyncResult, _set_task_join_will_block
 
 from celery_tq import checks, presets, timeouts
 from celery_tq.errors import ConfigurationError
-from celery_tq.metadata import TaskMetadata
 from celery_tq.publish import wire_publisher
 from celery_tq.result_errors import wire_backend
 from celery_tq.routing import PriorityRouter, broker_kind, queues_for
@@ -34,6 +33,7 @@ class TaskQueueSystem:
         self.app = app
         self._worker: Any = None
         self._thread: threading.Thread | None = None
+        self._previous_default: Celery | None = None
 
     @property
     def settings(self) -> TqSettings:
@@ -61,14 +61,10 @@ class TaskQueueSystem:
         **options: Any,
     ) -> Any:
         """``@tq.task(priority=Priority.HIGH, timeout=30, tags={"billing"})``; other options pass."""
-        metadata = TaskMetadata(
-            priority=TqTask.tq_metadata.priority if priority is None else priority,
-            timeout=timeout,
-            tags=frozenset(tags or ()),
-        )
         base = options.pop("base", TqTask)
         if not (isinstance(base, type) and issubclass(base, TqTask)):
             raise ConfigurationError(f"base={base!r} must be TqTask or a subclass of it")
+        metadata = base.tq_metadata.merged(priority=priority, timeout=timeout, tags=tags)
 
         app_task: Any = self.app.task
 
@@ -110,6 +106,9 @@ class TaskQueueSystem:
         if self._thread is not None:
             return
         ready = threading.Event()
+        # The threads pool runs tasks with the process's default app: make it this one.
+        self._previous_default = getattr(_state, "default_app", None)
+        self.app.set_default()
         worker_cls: Any = self.app.WorkController
         worker = worker_cls(
             app=self.app,
@@ -129,6 +128,8 @@ class TaskQueueSystem:
         if not ready.wait(30):
             self.shutdown()
             raise ConfigurationError("the in-process worker did not become ready within 30 s")
+        # The pool marks this process as "inside a worker"; the caller here is not a task.
+        _set_task_join_will_block(False)
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop the in-process worker after its running tasks finish (warm shutdown)."""
@@ -138,6 +139,8 @@ class TaskQueueSystem:
         self._thread.join(timeout)
         self._thread = None
         self._worker = None
+        if self._previous_default is not None:
+            _state.set_default_app(self._previous_default)
 
     def check(self) -> list[checks.Finding]:
         """Findings about this configuration, most severe first."""
@@ -149,20 +152,19 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     system = _systems.get(app)
     if system is not None:
         return system
-    if getattr(app, "configured", False):
-        app.conf.add_defaults(presets.resolve(preset))
-    else:
-        app.add_defaults(lambda: presets.resolve(preset))
+    preset_settings = presets.resolve(preset)  # an unknown preset fails here, not in the worker
     register_transports()
     wire_publisher(app)
     wire_backend(app)
     _connect_signals(app)
+    # Configuration is (re)built lazily, e.g. again after a late config_from_object.
+    app.on_after_configure.connect(
+        lambda sender, **kw: _configure(sender, preset_settings),
+        weak=False,
+        dispatch_uid=f"tq-cfg-{id(app)}",
+    )
     if getattr(app, "configured", False):
-        _configure(app)
-    else:
-        app.on_after_configure.connect(
-            lambda sender, **kw: _configure(sender), weak=False, dispatch_uid=f"tq-cfg-{id(app)}"
-        )
+        _configure(app, preset_settings)
     system = _systems[app] = TaskQueueSystem(app)
     return system
 
@@ -175,9 +177,11 @@ def system_for(app: Celery) -> TaskQueueSystem:
         raise ConfigurationError("celery_tq.install(app) was not called for this app") from None
 
 
-def _configure(app: Celery) -> None:
-    """Queues, routes and transport options that make priorities mean one thing everywhere."""
+def _configure(app: Celery, preset_settings: dict[str, Any]) -> None:
+    """The preset under the user's settings, then the queues, routes and transport options
+    that make priorities mean one thing everywhere."""
     conf = app.conf
+    _apply_preset(conf, preset_settings)
     settings = TqSettings.from_app(app)
     kind = broker_kind(conf.broker_url)
     if not conf.task_queues:
@@ -197,6 +201,18 @@ def _configure(app: Celery) -> None:
         options = dict(conf.broker_transport_options or {})
         options.setdefault("priority_steps", list(range(10)))
         conf.broker_transport_options = options
+
+
+def _apply_preset(conf: Any, preset_settings: dict[str, Any]) -> None:
+    """Set each preset key the user did not set (in conf.update, config_from_object, ...).
+
+    Celery's own defaults are the last map of the configuration's chain; any other map holds
+    values the user chose.
+    """
+    chosen = conf.maps[:-1]
+    for key, value in preset_settings.items():
+        if not any(key in m for m in chosen):
+            conf[key] = value
 
 
 def _as_list(routes: Any) -> list[Any]:

@@ -161,8 +161,9 @@ class Channel(virtual.Channel):
                 time.sleep(0.05)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
-        conn.execute("INSERT OR REPLACE INTO tq_owner VALUES (?,?,?,?)",
-                     (self.owner, self._pid, HOST, time.time()))  # fmt: skip
+        conn.execute(
+            "INSERT OR REPLACE INTO tq_owner VALUES (?,?,?,?)", (self.owner, self._pid, HOST, time.time())
+        )
         self._conn = conn
 
     @contextmanager
@@ -191,8 +192,9 @@ class Channel(virtual.Channel):
 
     # -- kombu hooks ----------------------------------------------------------------------
 
-    def prepare_message(self, body: Any, priority: int | None = None, *args: Any,
-                        **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def prepare_message(
+        self, body: Any, priority: int | None = None, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
         # The base class turns priority 0 into the default; only None means "unset".
         message: dict[str, Any] = super().prepare_message(body, priority, *args, **kwargs)
         message["properties"]["priority"] = self.default_priority if priority is None else priority
@@ -220,22 +222,33 @@ class Channel(virtual.Channel):
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT OR IGNORE INTO tq_binding VALUES (?,?,?,?)",
-                         (exchange, queue, routing_key or "", pattern or ""))  # fmt: skip
+            conn.execute(
+                "INSERT OR IGNORE INTO tq_binding VALUES (?,?,?,?)",
+                (exchange, queue, routing_key or "", pattern or ""),
+            )
             if self.typeof(exchange).type == "fanout":
                 # A fanout queue only makes sense while its binder (its consumer) lives.
                 conn.execute("INSERT OR IGNORE INTO tq_queue VALUES (?,1,NULL,NULL)", (queue,))
                 conn.execute("UPDATE tq_queue SET owner=? WHERE name=?", (self.owner, queue))
 
-    def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "",
-                     arguments: Any = None, **kwargs: Any) -> None:  # fmt: skip
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
         with self._db() as conn:
-            conn.execute("DELETE FROM tq_binding WHERE exchange=? AND queue=? AND routing_key=?",
-                         (exchange, queue, routing_key or ""))  # fmt: skip
+            conn.execute(
+                "DELETE FROM tq_binding WHERE exchange=? AND queue=? AND routing_key=?",
+                (exchange, queue, routing_key or ""),
+            )
 
-    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
-                     **kwargs: Any) -> None:  # fmt: skip
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> None:
         # The base class only deletes bindings this process declared; ours are shared.
         if if_empty and self._size(queue):
             return
@@ -259,8 +272,7 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         self._insert([queue], message, fanout=False)
 
-    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
-                    **kwargs: Any) -> None:  # fmt: skip
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any) -> None:
         self._insert([q for _, _, q in self.get_table(exchange)], message, fanout=True)
 
     def _insert(self, queues: Sequence[str], message: dict[str, Any], fanout: bool) -> None:
@@ -309,8 +321,10 @@ class Channel(virtual.Channel):
     def _claim(self, queues: list[str], limit: int) -> list[tuple[str, dict[str, Any]]]:
         """Take the most urgent ready rows of ``queues``; no other channel can get them."""
         peek = "SELECT EXISTS (SELECT 1 FROM tq_message WHERE queue=? AND owner IS NULL)"
-        pick = ("SELECT id, queue, priority, payload, redelivered FROM tq_message "
-                "WHERE queue=? AND owner IS NULL ORDER BY priority DESC, id LIMIT ?")  # fmt: skip
+        pick = (
+            "SELECT id, queue, priority, payload, redelivered FROM tq_message "
+            "WHERE queue=? AND owner IS NULL ORDER BY priority DESC, id LIMIT ?"
+        )
         with self._db() as conn:
             # Read first: an idle poll must not take the write lock.
             if not any(conn.execute(peek, (q,)).fetchone()[0] for q in queues):
@@ -322,8 +336,7 @@ class Channel(virtual.Channel):
                 noack = [r[0] for r in rows if r[1] in self._no_ack]
                 ack = [r[0] for r in rows if r[1] not in self._no_ack]
                 if noack:
-                    conn.execute(f"DELETE FROM tq_message WHERE id IN ({_marks(len(noack))})",
-                                 noack)  # fmt: skip
+                    conn.execute(f"DELETE FROM tq_message WHERE id IN ({_marks(len(noack))})", noack)
                 if ack:
                     sql = f"UPDATE tq_message SET owner=? WHERE id IN ({_marks(len(ack))})"
                     conn.execute(sql, [self.owner, *ack])
@@ -349,8 +362,7 @@ class Channel(virtual.Channel):
         where = f"WHERE id IN ({_marks(len(ids))}) AND owner=?"
         with self._db() as conn:
             if requeue:
-                conn.execute(f"UPDATE tq_message SET owner=NULL, redelivered=1 {where}",
-                             [*ids, self.owner])  # fmt: skip
+                conn.execute(f"UPDATE tq_message SET owner=NULL, redelivered=1 {where}", [*ids, self.owner])
             else:
                 conn.execute(f"DELETE FROM tq_message {where}", [*ids, self.owner])
 
@@ -368,11 +380,9 @@ class Channel(virtual.Channel):
     def _forget_owners(self, conn: sqlite3.Connection, owners: list[str]) -> None:
         """Requeue the unacked rows of ``owners`` and drop the queues they own."""
         m = _marks(len(owners))
-        queues = [r[0] for r in conn.execute(f"SELECT name FROM tq_queue WHERE owner IN ({m})",
-                                             owners)]  # fmt: skip
+        queues = [r[0] for r in conn.execute(f"SELECT name FROM tq_queue WHERE owner IN ({m})", owners)]
         self._drop_queues(conn, queues)
-        conn.execute(f"UPDATE tq_message SET owner=NULL, redelivered=1 WHERE owner IN ({m})",
-                     owners)  # fmt: skip
+        conn.execute(f"UPDATE tq_message SET owner=NULL, redelivered=1 WHERE owner IN ({m})", owners)
         conn.execute(f"DELETE FROM tq_owner WHERE id IN ({m})", owners)
 
     def _housekeep(self) -> None:
@@ -381,8 +391,9 @@ class Channel(virtual.Channel):
         if mono - self._beat >= min(5.0, self.consumer_expiry / 4):
             self._beat = mono
             with self._db() as conn:
-                conn.execute("INSERT OR REPLACE INTO tq_owner VALUES (?,?,?,?)",
-                             (self.owner, os.getpid(), HOST, now))  # fmt: skip
+                conn.execute(
+                    "INSERT OR REPLACE INTO tq_owner VALUES (?,?,?,?)", (self.owner, os.getpid(), HOST, now)
+                )
         if mono - self._swept < self.sweep_interval:
             return
         self._swept = mono
@@ -390,9 +401,10 @@ class Channel(virtual.Channel):
             owners = conn.execute("SELECT id, pid, host, seen FROM tq_owner").fetchall()
         # Same host: the pid tells (a long task must not look dead); else the heartbeat.
         dead = [
-            o for o, pid, host, seen in owners
+            o
+            for o, pid, host, seen in owners
             if (not pid_alive(pid) if host == HOST else seen < now - self.consumer_expiry)
-        ]  # fmt: skip
+        ]
         with self._tx() as conn:
             if dead:
                 self._forget_owners(conn, dead)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-APP = '''
+APP = """
 import os
 from pathlib import Path
 
@@ -41,7 +41,7 @@ def add(x, y):
 def record(seq, prio):
     with open(DATA / "order.txt", "a") as f:
         f.write(f"{seq} {prio}\\n")
-'''
+"""
 
 
 @pytest.fixture
@@ -60,9 +60,13 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def run(env: dict[str, str], *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], env=env, cwd=env["TQ_DATA_DIR"], capture_output=True,
-        text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, *args],
+        env=env,
+        cwd=env["TQ_DATA_DIR"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -73,11 +77,29 @@ def worker(env: dict[str, str]) -> Iterator[Callable[[], Path]]:
     def start() -> Path:
         log = Path(env["TQ_DATA_DIR"]) / f"worker{len(procs)}.log"
         with open(log, "wb") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tqapp", "worker", "-P", "prefork",
-                 "-c", "1", "-n", f"w{len(procs)}@%h", "--loglevel=INFO"],
-                env=env, cwd=env["TQ_DATA_DIR"], stdout=out, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "tqapp",
+                        "worker",
+                        "-P",
+                        "prefork",
+                        "-c",
+                        "1",
+                        "-n",
+                        f"w{len(procs)}@%h",
+                        "--loglevel=INFO",
+                    ],
+                    env=env,
+                    cwd=env["TQ_DATA_DIR"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         logs.append(log)
         deadline = time.monotonic() + 20
         while b"ready." not in log.read_bytes():
@@ -112,9 +134,7 @@ def test_inspect_ping(env: dict[str, str], worker: Callable[[], Path]) -> None:
     assert "pong" in done.stdout and "1 node online" in done.stdout
 
 
-def test_queued_tasks_run_in_strict_priority_order(
-    env: dict[str, str], worker: Callable[[], Path]
-) -> None:
+def test_queued_tasks_run_in_strict_priority_order(env: dict[str, str], worker: Callable[[], Path]) -> None:
     rnd = random.Random(3)
     prios = [rnd.randint(0, 9) for _ in range(30)]
     code = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -119,8 +120,13 @@ def test_priority_strict_and_fifo_within_level(url: str) -> None:
         producer = Producer(conn)
         for seq in range(200):
             prio = rnd.choice([None, *range(10)])
-            producer.publish({"seq": seq, "prio": prio}, priority=prio, declare=[queue],
-                             exchange=queue.exchange, routing_key="prio")  # fmt: skip
+            producer.publish(
+                {"seq": seq, "prio": prio},
+                priority=prio,
+                declare=[queue],
+                exchange=queue.exchange,
+                routing_key="prio",
+            )
             sent.append((5 if prio is None else prio, seq))
         got = drain(conn, queue)
     assert [(5 if b["prio"] is None else b["prio"], b["seq"]) for b in got] == sorted(
@@ -163,10 +169,8 @@ def _fanout_consumer(url: str, name: str, ready: Any, out: Any, count: int) -> N
             ready.set()
             deadline = time.monotonic() + 15
             while len(got) < count and time.monotonic() < deadline:
-                try:
+                with contextlib.suppress(TimeoutError):
                     conn.drain_events(timeout=0.5)
-                except TimeoutError:
-                    pass
         out.put((name, got))
 
 
@@ -279,6 +283,5 @@ def test_unacked_message_restored_after_consumer_sigkill(url: str, procs: list[A
 
 
 def test_get_raises_empty(url: str) -> None:
-    with Connection(url) as conn:
-        with pytest.raises(Empty):
-            conn.default_channel._get("nothing")
+    with Connection(url) as conn, pytest.raises(Empty):
+        conn.default_channel._get("nothing")

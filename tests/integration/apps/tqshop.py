@@ -1,0 +1,107 @@
+"""The app the integration tests run in real ``celery worker`` processes.
+
+Built by :func:`make_app` from environment variables, so the worker (``celery -A tqshop``) and
+the test process share the same broker, backend and task names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+from celery import Celery
+
+import celery_tq
+from celery_tq import Priority, errors
+
+
+def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
+    app = Celery("tqshop", set_as_current=False)
+    tq = celery_tq.install(app, preset="development")
+    app.conf.update(broker_url=broker_url, result_backend=result_backend, **conf)
+
+    @tq.task(
+        name="tqshop.echo_meta", shared=False, bind=True, priority=Priority.HIGH, tags={"billing"}, timeout=30
+    )
+    def echo_meta(self: Any, value: Any = None) -> dict[str, Any]:
+        meta = self.metadata
+        return {
+            "value": value,
+            "priority": meta.priority,
+            "tags": sorted(meta.tags),
+            "timeout": meta.timeout,
+            "broker_priority": (self.request.delivery_info or {}).get("priority"),
+            "queue": (self.request.delivery_info or {}).get("routing_key"),
+        }
+
+    @tq.task(name="tqshop.add", shared=False)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @tq.task(name="tqshop.raise_error", shared=False, max_retries=0)
+    def raise_error(cls_name: str, args: list[Any]) -> None:
+        cls = getattr(errors, cls_name)
+        with celery_tq.context("step %s", 1):
+            try:
+                raise ValueError("root cause")
+            except ValueError as exc:
+                raise cls(*args) from exc
+
+    @tq.task(
+        name="tqshop.flaky", shared=False, bind=True, max_retries=2, retry_backoff=1, retry_backoff_max=1
+    )
+    def flaky(self: Any) -> int:
+        if self.request.retries < 2:
+            raise errors.ResourceUnavailable("payments-db")
+        return self.request.retries
+
+    @tq.task(
+        name="tqshop.always_unavailable", shared=False, max_retries=1, retry_backoff=1, retry_backoff_max=1
+    )
+    def always_unavailable() -> None:
+        raise ConnectionError("connection refused")
+
+    @tq.task(name="tqshop.read_file", shared=False)
+    def read_file(path: str) -> str:
+        with celery_tq.context("loading invoice %s", 42), open(path) as f:
+            return f.read()
+
+    @tq.task(name="tqshop.sleep", shared=False)
+    def sleep(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    @tq.task(name="tqshop.stubborn", shared=False)
+    def stubborn(seconds: float) -> str:
+        """Swallows the soft time limit: only the hard limit stops it."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with contextlib.suppress(Exception):
+                time.sleep(0.1)
+        return "finished"
+
+    @tq.task(name="tqshop.crash", shared=False)
+    def crash() -> None:
+        os.kill(os.getpid(), 9)
+
+    @tq.task(name="tqshop.private_error", shared=False)
+    def private_error() -> None:
+        from tqshop_private import PrivateError  # only the worker imports this module
+
+        raise PrivateError("secret sauce", 7)
+
+    @tq.task(name="tqshop.builtin_error", shared=False)
+    def builtin_error() -> None:
+        raise KeyError("missing-key")
+
+    @app.task(name="tqshop.plain", shared=False)
+    def plain(x: int) -> int:
+        return x * 2
+
+    return app
+
+
+if os.environ.get("TQSHOP_BROKER_URL"):
+    app = make_app(os.environ["TQSHOP_BROKER_URL"], os.environ["TQSHOP_RESULT_BACKEND"])

@@ -1,0 +1,83 @@
+"""Integration fixtures: the tqshop app on each real broker, with real worker processes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_tq.testing import WorkerProcess
+
+APPS = Path(__file__).parent / "apps"
+sys.path.insert(0, str(APPS))
+
+import tqshop  # noqa: E402
+
+
+@dataclass
+class Shop:
+    """The test process's side of one broker: the app plus a way to start workers on it."""
+
+    kind: str
+    broker_url: str
+    result_backend: str
+    app: Celery
+    start_worker: Callable[..., WorkerProcess]
+
+
+BROKERS = ["embedded", "redis", "rabbitmq"]
+
+
+def _urls(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[str, str]:
+    sqlite_results = f"db+sqlite:///{tmp / 'results.db'}"
+    if kind == "embedded":
+        return f"tq+sqlite:///{tmp / 'broker.db'}", sqlite_results
+    if kind == "redis":
+        broker, results = request.getfixturevalue("redis_dbs")
+        return broker, results
+    return request.getfixturevalue("rabbitmq_vhost"), sqlite_results
+
+
+@pytest.fixture(params=BROKERS)
+def shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    yield from _shop(request.param, request, Path(data_dir))
+
+
+@pytest.fixture
+def redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    yield from _shop("redis", request, Path(data_dir))
+
+
+@pytest.fixture
+def embedded_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    yield from _shop("embedded", request, Path(data_dir))
+
+
+def _shop(kind: str, request: pytest.FixtureRequest, tmp: Path) -> Iterator[Shop]:
+    broker_url, result_backend = _urls(kind, request, tmp)
+    app = tqshop.make_app(broker_url, result_backend)
+    if kind == "rabbitmq":
+        app.control.purge()  # the session's vhost is shared by the tests of this file
+    workers: list[WorkerProcess] = []
+
+    def start_worker(**options: Any) -> WorkerProcess:
+        options.setdefault("concurrency", 2)
+        env = {
+            "TQSHOP_BROKER_URL": broker_url,
+            "TQSHOP_RESULT_BACKEND": result_backend,
+            "TQ_DATA_DIR": str(tmp),
+            "PYTHONPATH": f"{APPS}:{Path(__file__).parents[2]}",
+        }
+        worker = WorkerProcess("tqshop", env={**env, **options.pop("env", {})}, **options)
+        workers.append(worker)
+        return worker.start()
+
+    yield Shop(kind, broker_url, result_backend, app, start_worker)
+    for worker in workers:
+        worker.stop()
+    app.close()

@@ -1,0 +1,63 @@
+"""Bad input gets a clear, typed error and loses nothing; a worker never dies of one bad message."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from kombu import Connection
+
+from celery_tq import errors
+
+from .conftest import Shop
+
+
+def _queued(shop: Shop) -> int:
+    client = redis.Redis.from_url(shop.broker_url)
+    try:
+        return sum(int(client.llen(key)) for key in client.keys("tq.default*"))  # type: ignore[union-attr]
+    finally:
+        client.close()
+
+
+def test_non_json_argument_is_refused_at_submit_and_nothing_is_sent(redis_shop: Shop) -> None:
+    add = redis_shop.app.tasks["tqshop.add"]
+    with pytest.raises(errors.InvalidInput, match="cannot be serialized"):
+        add.delay(object(), 1)
+    assert _queued(redis_shop) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"priority": 10}, {"priority": -1}, {"timeout": 0}, {"tags": {""}}, {"tags": {"x" * 65}}],
+)
+def test_bad_metadata_is_refused_at_call_time_and_nothing_is_sent(
+    redis_shop: Shop, options: dict[str, object]
+) -> None:
+    with pytest.raises(errors.MetadataError):
+        redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
+    with pytest.raises(ValueError):  # MetadataError is also a ValueError
+        redis_shop.app.send_task("tqshop.add", (1, 2), **options)
+    assert _queued(redis_shop) == 0
+
+
+def test_unknown_task_name_is_a_failure_the_caller_sees(redis_shop: Shop) -> None:
+    worker = redis_shop.start_worker()
+    with pytest.raises(Exception, match=r"tqshop\.does_not_exist"):
+        redis_shop.app.send_task("tqshop.does_not_exist", (1,)).get(timeout=30)
+    assert worker.process is not None and worker.process.poll() is None
+
+
+def test_garbage_messages_do_not_kill_the_worker(redis_shop: Shop) -> None:
+    worker = redis_shop.start_worker()
+    with Connection(redis_shop.broker_url) as conn:
+        producer = conn.Producer()
+        producer.publish(b"\x00\xffnot json", routing_key="tq.default", content_type="application/json")
+        producer.publish({"no": "headers"}, routing_key="tq.default", serializer="json")
+        producer.publish(
+            "[[1], {}, {}]",
+            routing_key="tq.default",
+            content_type="application/json",
+            headers={"task": "tqshop.add", "id": "bad-arity"},
+        )
+    assert redis_shop.app.tasks["tqshop.add"].delay(2, 3).get(timeout=30) == 5
+    assert worker.process is not None and worker.process.poll() is None

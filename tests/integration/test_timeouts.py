@@ -1,0 +1,56 @@
+"""A run past its timeout fails with TaskTimeout on every pool; none ignores it silently."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from celery_tq import errors
+
+from .conftest import Shop
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
+def test_task_past_its_timeout_fails_with_task_timeout(redis_shop: Shop, pool: str) -> None:
+    redis_shop.start_worker(pool=pool)
+    started = time.monotonic()
+    with pytest.raises(errors.TaskTimeout) as caught:
+        redis_shop.app.tasks["tqshop.sleep"].apply_async((20,), timeout=1).get(timeout=30)
+    assert caught.value.task_name == "tqshop.sleep"
+    assert caught.value.duration == 1
+    assert time.monotonic() - started < 15  # stopped long before the task's own 20 s
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
+def test_task_swallowing_the_soft_limit_is_failed_at_the_hard_limit(redis_shop: Shop, pool: str) -> None:
+    redis_shop.start_worker(pool=pool)
+    with pytest.raises(errors.TaskTimeout) as caught:
+        redis_shop.app.tasks["tqshop.stubborn"].apply_async((20,), timeout=1).get(timeout=30)
+    assert caught.value.duration == 1
+
+
+def test_task_within_its_timeout_succeeds(redis_shop: Shop) -> None:
+    redis_shop.start_worker(pool="threads")
+    assert redis_shop.app.tasks["tqshop.sleep"].apply_async((0.2,), timeout=5).get(timeout=30) == 0.2
+
+
+def test_in_process_worker_enforces_timeouts(data_dir: str) -> None:
+    from celery import Celery
+
+    import celery_tq
+
+    app = Celery("inproc", set_as_current=False)
+    tq = celery_tq.install(app, preset="testing")
+
+    @tq.task(name="inproc.spin", shared=False, timeout=0.5)
+    def spin() -> None:
+        while True:
+            pass
+
+    tq.start()
+    try:
+        with pytest.raises(errors.TaskTimeout):
+            tq.wait_for_result(tq.submit(spin), timeout=20)
+    finally:
+        tq.shutdown()

@@ -1,0 +1,267 @@
+"""``check()`` and ``celery -A mod tq check``: configuration findings, each with a fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, _state
+
+import celery_tq
+from celery_tq import TqTask
+from celery_tq.checks import Finding
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """The development preset keeps files under TQ_DATA_DIR; shared tasks would leak into later apps."""
+    monkeypatch.setenv("TQ_DATA_DIR", str(tmp_path))
+    before = set(_state._on_app_finalizers)
+    yield
+    _state._on_app_finalizers.intersection_update(before)
+
+
+def check(preset: str = "testing", broker: str | None = None, **settings: Any) -> list[Finding]:
+    app = Celery("t", broker=broker)
+    app.conf.update(settings)
+    return celery_tq.install(app, preset=preset).check()
+
+
+def codes(findings: list[Finding], level: str | None = None) -> set[str]:
+    return {f.code for f in findings if level is None or f.level == level}
+
+
+def test_development_preset_has_no_errors() -> None:
+    assert codes(check("development"), "error") == set()
+
+
+def test_development_preset_has_no_findings_at_all() -> None:
+    assert check("development") == []
+
+
+def test_production_preset_on_rabbitmq_has_no_findings() -> None:
+    assert check("production", broker=AMQP_URL) == []
+
+
+def test_production_preset_on_redis_has_no_errors() -> None:
+    assert codes(check("production", broker=REDIS_URL), "error") == set()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"accept_content": ["json", "pickle"]},
+        {"accept_content": ["application/x-python-serialize"]},
+        {"result_accept_content": ["pickle"]},
+        {"task_serializer": "pickle"},
+        {"result_serializer": "pickle"},
+    ],
+)
+def test_accepting_pickle_is_an_error(settings: dict[str, Any]) -> None:
+    findings = check(**settings)
+    assert "pickle-accepted" in codes(findings, "error")
+
+
+def test_pickle_finding_spells_out_the_fix() -> None:
+    [finding] = [f for f in check(accept_content=["json", "pickle"]) if f.code == "pickle-accepted"]
+    assert "pickle" in finding.message
+    assert "json" in finding.fix
+
+
+def test_memory_broker_warns_that_priority_is_ignored() -> None:
+    findings = check("testing")
+    assert "priority-ignored" in codes(findings, "warning")
+    assert codes(findings, "error") == set()
+
+
+@pytest.mark.parametrize("broker", ["filesystem://", "sqla+sqlite:///x.db", "sqs://"])
+def test_other_brokers_without_priority_warn_too(broker: str) -> None:
+    assert "priority-ignored" in codes(check(broker=broker), "warning")
+
+
+@pytest.mark.parametrize("broker", [AMQP_URL, REDIS_URL, "tq+sqlite:///tmp/broker.db"])
+def test_brokers_with_priority_do_not_warn_about_it(broker: str) -> None:
+    assert "priority-ignored" not in codes(check(broker=broker))
+
+
+def test_prefetch_multiplier_above_one_warns_that_it_defeats_priority() -> None:
+    findings = check("development", worker_prefetch_multiplier=4)
+    [finding] = [f for f in findings if f.code == "prefetch-defeats-priority"]
+    assert finding.level == "warning"
+    assert "4" in finding.message
+    assert "worker_prefetch_multiplier = 1" in finding.fix
+
+
+def test_redis_priority_steps_that_merge_levels_are_an_error() -> None:
+    findings = check(broker=REDIS_URL, broker_transport_options={"priority_steps": [0, 3, 6, 9]})
+    [finding] = [f for f in findings if f.code == "redis-priority-steps"]
+    assert finding.level == "error"
+    assert "4 levels" in finding.message
+
+
+def test_redis_with_the_steps_install_sets_is_clean() -> None:
+    assert "redis-priority-steps" not in codes(check(broker=REDIS_URL))
+
+
+def test_timed_task_on_a_gevent_pool_is_an_error() -> None:
+    app = Celery("t")
+    app.conf.update(worker_pool="gevent")
+    tq = celery_tq.install(app, preset="development")
+
+    @tq.task(timeout=30)
+    def charge(order_id: int) -> None:
+        return None
+
+    [finding] = [f for f in tq.check() if f.code == "pool-cannot-enforce-timeouts"]
+    assert finding.level == "error"
+    assert charge.name in finding.message
+    assert "prefork" in finding.fix
+
+
+def test_timed_task_in_the_plain_celery_form_on_eventlet_is_an_error() -> None:
+    app = Celery("t")
+    app.conf.update(worker_pool="eventlet")
+    tq = celery_tq.install(app, preset="development")
+
+    @app.task(base=TqTask, tq_timeout=5)
+    def refund(order_id: int) -> None:
+        return None
+
+    assert "pool-cannot-enforce-timeouts" in codes(tq.check(), "error")
+
+
+def test_gevent_pool_without_timed_tasks_is_fine() -> None:
+    app = Celery("t")
+    app.conf.update(worker_pool="gevent")
+    tq = celery_tq.install(app, preset="development")
+
+    @tq.task
+    def charge(order_id: int) -> None:
+        return None
+
+    assert codes(tq.check(), "error") == set()
+
+
+def test_timed_task_on_the_threads_pool_is_only_information() -> None:
+    app = Celery("t")
+    app.conf.update(worker_pool="threads")
+    tq = celery_tq.install(app, preset="development")
+
+    @tq.task(timeout=30)
+    def charge(order_id: int) -> None:
+        return None
+
+    findings = tq.check()
+    assert codes(findings, "error") == set()
+    assert "timeouts-enforced-by-tq" in codes(findings, "info")
+
+
+def test_missing_result_backend_is_a_warning() -> None:
+    findings = check("development", result_backend=None)
+    assert "no-result-backend" in codes(findings, "warning")
+
+
+def test_findings_come_most_severe_first() -> None:
+    findings = check(accept_content=["pickle"], worker_prefetch_multiplier=4)
+    levels = [f.level for f in findings]
+    assert levels == sorted(levels, key=["error", "warning", "info"].index)
+    assert levels[0] == "error"
+
+
+def test_every_finding_has_a_level_code_message_and_fix() -> None:
+    findings = check(
+        accept_content=["pickle"],
+        worker_prefetch_multiplier=4,
+        broker=REDIS_URL,
+        broker_transport_options={"priority_steps": [0, 3, 6, 9]},
+    )
+    assert len(findings) == 3
+    for finding in findings:
+        assert finding.level in {"error", "warning", "info"}
+        assert finding.code and finding.message and finding.fix
+        assert set(finding.as_dict()) == {"level", "code", "message", "fix"}
+
+
+# --- celery -A mod tq check -----------------------------------------------------------------------
+
+
+def run_check(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    """Write an app module to ``tmp_path`` and run ``celery -A it tq check --json`` on it."""
+    (tmp_path / "tq_check_app.py").write_text(
+        "from celery import Celery\nimport celery_tq\n\n" + textwrap.dedent(body)
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "TQ_DATA_DIR": str(tmp_path),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tq_check_app", "tq", "check", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def parsed(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    findings = json.loads(result.stdout)
+    assert isinstance(findings, list)
+    for finding in findings:
+        assert set(finding) == {"level", "code", "message", "fix"}
+    return findings
+
+
+def test_cli_check_exits_one_when_pickle_is_accepted(tmp_path: Path) -> None:
+    result = run_check(
+        tmp_path,
+        """
+        app = Celery("shop")
+        app.conf.update(accept_content=["json", "pickle"])
+        tq = celery_tq.install(app, preset="development")
+        """,
+    )
+    assert result.returncode == 1, result.stderr
+    findings = parsed(result)
+    assert {"level": "error", "code": "pickle-accepted"}.items() <= findings[0].items()
+
+
+def test_cli_check_exits_zero_on_the_development_preset(tmp_path: Path) -> None:
+    result = run_check(
+        tmp_path,
+        """
+        app = Celery("shop")
+        tq = celery_tq.install(app, preset="development")
+
+        @tq.task(priority=7, timeout=30, tags={"billing"})
+        def charge(order_id):
+            return order_id
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert parsed(result) == []
+
+
+def test_cli_check_exits_zero_when_there_are_only_warnings(tmp_path: Path) -> None:
+    result = run_check(
+        tmp_path,
+        """
+        app = Celery("shop")
+        tq = celery_tq.install(app, preset="testing")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    findings = parsed(result)
+    assert [(f["level"], f["code"]) for f in findings] == [("warning", "priority-ignored")]
