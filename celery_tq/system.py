@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 
 from celery import Celery, _state, signals
 from celery.concurrency import get_implementation
-from celery.result import AsyncResult, _set_task_join_will_block
+from celery.result import AsyncResult
 
 from celery_tq import checks, presets, timeouts
 from celery_tq.errors import ConfigurationError
@@ -129,7 +129,8 @@ class TaskQueueSystem:
             self.shutdown()
             raise ConfigurationError("the in-process worker did not become ready within 30 s")
         # The pool marks this process as "inside a worker"; the caller here is not a task.
-        _set_task_join_will_block(False)
+        state: Any = _state  # private: celery-types does not describe it
+        state._set_task_join_will_block(False)
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop the in-process worker after its running tasks finish (warm shutdown)."""

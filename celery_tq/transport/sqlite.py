@@ -5,10 +5,13 @@ Transport options: ``polling_interval`` (s, default 0.01), ``consumer_expiry`` (
 ``fanout_ttl`` (s, 300), ``sweep_interval`` (s, 5), ``busy_timeout`` (s, 30),
 ``batch_size`` (max messages claimed per poll, 32).
 
-Semantics: priority 0..9, higher first (missing = 5), FIFO by autoincrement id within a
-level. A delivered message stays in the table owned by the consuming channel until it
-is acked; it is requeued (same id, so same place) when the channel closes, rejects with
-requeue, or its process is found dead by another channel's periodic sweep.
+Semantics: priority 0..9, higher first, FIFO by autoincrement id within a level and across
+all queues a channel consumes. An explicit ``priority=None`` counts as 5; note that kombu's
+``Producer.publish`` (hence Celery without a priority) sends 0. A delivered message stays in
+the table owned by the consuming channel until acked (at-least-once); it is requeued in
+place (same id) on channel close, reject(requeue=True), or when a sweep finds its owner
+dead: same host -> its pid is gone (so long tasks are safe), other host -> no heartbeat for
+``consumer_expiry`` s. Auto-delete and fanout-bound queues die with their owner.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def test_round_trip(env: dict[str, str], worker: Callable[[], Path]) -> None:
 
 def test_inspect_ping(env: dict[str, str], worker: Callable[[], Path]) -> None:
     worker()
-    done = run(env, "-m", "celery", "-A", "tqapp", "inspect", "ping", "--timeout", "5")
+    done = run(env, "-m", "celery", "-A", "tqapp", "inspect", "ping", "--timeout", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "pong" in done.stdout and "1 node online" in done.stdout
 
