@@ -45,7 +45,7 @@ def development() -> Settings:
     root = data_dir()
     return {
         **_common(),
-        "broker_url": f"tq+sqlite:///{root / 'broker.db'}",
+        "broker_url": f"tq+sqlite://{root / 'broker.db'}",  # scheme + absolute path
         "result_backend": f"db+sqlite:///{root / 'results.db'}",
         "tq_timeout_grace": 5.0,
     }

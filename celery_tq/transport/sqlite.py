@@ -70,7 +70,7 @@ def db_path(hostname: str) -> Path:
     scheme, sep, rest = hostname.partition("://")
     if scheme != "sqlite" or not sep or not rest.strip("/"):
         raise ValueError(f"expected tq+sqlite:///abs/path.db or tq+sqlite://rel.db: {hostname!r}")
-    return Path(rest)
+    return Path("/" + rest.lstrip("/")) if rest.startswith("/") else Path(rest)
 
 
 def pid_alive(pid: int) -> bool:

@@ -121,10 +121,16 @@ def worker(env: dict[str, str]) -> Iterator[Callable[[], Path]]:
 
 def test_round_trip(env: dict[str, str], worker: Callable[[], Path]) -> None:
     worker()
-    code = "from tqapp import add; print(add.delay(2, 3).get(timeout=10))"
+    # The link is published by the prefork child: the connection must survive the fork.
+    code = (
+        "from tqapp import add\n"
+        "link = add.s(10).set(task_id='linked-1')\n"
+        "print(add.apply_async((2, 3), link=link).get(timeout=10))\n"
+        "print(add.AsyncResult('linked-1').get(timeout=10))\n"
+    )
     done = run(env, "-c", code)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "5"
+    assert done.stdout.split() == ["5", "15"]
 
 
 def test_inspect_ping(env: dict[str, str], worker: Callable[[], Path]) -> None:

@@ -107,12 +107,6 @@ def test_development_preset_defaults_to_dot_celery_tq_in_the_working_directory(
     assert broker_file(broker).parent == (tmp_path / ".celery_tq").resolve()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): presets.development() builds f'tq+sqlite:///{absolute path}', i.e. four slashes "
-    "('tq+sqlite:////tmp/...'); the transport documents tq+sqlite:///abs/path.db and reads the path as "
-    "'//tmp/...' (same file on Linux only because POSIX lets '//' alias '/')",
-)
 def test_development_broker_url_uses_the_documented_absolute_form(tmp_path: Path) -> None:
     expected = tmp_path.resolve() / "broker.db"
     assert presets.development()["broker_url"] == f"tq+sqlite://{expected}"

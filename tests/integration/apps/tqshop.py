@@ -96,6 +96,14 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     def builtin_error() -> None:
         raise KeyError("missing-key")
 
+    @tq.task(name="tqshop.record", shared=False, bind=True)
+    def record(self: Any, label: str, seconds: float = 0.0) -> str:
+        """Append ``label`` to $TQ_DATA_DIR/order.log when the task starts (order tests)."""
+        with open(os.path.join(os.environ["TQ_DATA_DIR"], "order.log"), "a") as f:
+            f.write(f"{label} {self.metadata.priority}\n")
+        time.sleep(seconds)
+        return label
+
     @app.task(name="tqshop.plain", shared=False)
     def plain(x: int) -> int:
         return x * 2
