@@ -16,7 +16,7 @@ def _app() -> tuple[Celery, celery_tq.TaskQueueSystem]:
 
 
 def test_submit_and_wait_for_result_with_the_in_process_worker(data_dir: str) -> None:
-    _app_, tq = _app()
+    _, tq = _app()
 
     @tq.task(name="inproc.add", shared=False)
     def add(x: int, y: int) -> int:
