@@ -12,6 +12,7 @@ from celery.concurrency import get_implementation
 from celery.result import AsyncResult
 
 from celery_tq import checks, presets, timeouts
+from celery_tq import signals as signals_module
 from celery_tq.errors import ConfigurationError
 from celery_tq.publish import wire_publisher
 from celery_tq.result_errors import wire_backend
@@ -158,6 +159,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     wire_publisher(app)
     wire_backend(app)
     _connect_signals(app)
+    signals_module.connect(app)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(
         lambda sender, **kw: _configure(sender, preset_settings),
