@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +40,7 @@ class WorkerProcess:
         queues: Iterable[str] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
+        hostname: str | None = None,
         extra_args: Iterable[str] = (),
         ready_timeout: float = 60.0,
     ) -> None:
@@ -56,6 +58,8 @@ class WorkerProcess:
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
+            "-n",
+            hostname or f"tq-{uuid.uuid4().hex[:8]}@%h",  # unique: two workers must not share a pidbox
             *(["-Q", ",".join(queues)] if queues else []),
             *extra_args,
         ]

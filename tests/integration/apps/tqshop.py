@@ -7,6 +7,7 @@ the test process share the same broker, backend and task names.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from typing import Any
@@ -112,4 +113,8 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
 
 
 if os.environ.get("TQSHOP_BROKER_URL"):
-    app = make_app(os.environ["TQSHOP_BROKER_URL"], os.environ["TQSHOP_RESULT_BACKEND"])
+    app = make_app(
+        os.environ["TQSHOP_BROKER_URL"],
+        os.environ["TQSHOP_RESULT_BACKEND"],
+        **json.loads(os.environ.get("TQSHOP_CONF") or "{}"),
+    )

@@ -1,0 +1,119 @@
+"""Priority 0..9 (higher = more urgent, FIFO within a level) holds on every broker, through real workers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+import celery_tq
+from celery_tq import Priority, errors
+
+from .apps import tqshop
+from .conftest import Shop
+
+
+def _order(data_dir: str) -> list[tuple[str, int]]:
+    path = Path(data_dir) / "order.log"
+    if not path.exists():
+        return []
+    return [(label, int(p)) for label, p in (line.split() for line in path.read_text().splitlines())]
+
+
+def _wait_for_lines(data_dir: str, count: int, timeout: float = 60) -> list[tuple[str, int]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _order(data_dir)
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"only {len(_order(data_dir))} of {count} tasks ran")
+
+
+def _violations(ran: list[tuple[str, int]], sent: list[tuple[str, int]]) -> int:
+    """Adjacent pairs run out of (priority desc, then send order)."""
+    rank = {label: (-p, i) for i, (label, p) in enumerate(sent)}
+    return sum(1 for a, b in itertools.pairwise(ran) if rank[a[0]] > rank[b[0]])
+
+
+def test_queued_tasks_run_in_strict_priority_order_fifo_within_a_level(shop: Shop, data_dir: str) -> None:
+    rng = random.Random(42)
+    record = shop.app.tasks["tqshop.record"]
+    sent = [(f"t{i:03d}", rng.randint(0, 9)) for i in range(120)]
+    for label, priority in sent:
+        record.apply_async((label,), priority=priority)
+    shop.start_worker(concurrency=1)
+    ran = _wait_for_lines(data_dir, len(sent))
+    assert _violations(ran, sent) == 0
+    assert ran == sorted(sent, key=lambda t: (-t[1], sent.index(t)))
+
+
+def test_critical_task_overtakes_a_low_backlog_within_concurrency_plus_one(shop: Shop, data_dir: str) -> None:
+    record = shop.app.tasks["tqshop.record"]
+    for i in range(20):
+        record.apply_async((f"low{i:02d}", 0.3), priority=Priority.LOW)
+    shop.start_worker(concurrency=1)
+    _wait_for_lines(data_dir, 1)
+    record.apply_async(("critical",), priority=Priority.CRITICAL).get(timeout=60)
+    ran = [label for label, _ in _order(data_dir)]
+    assert ran.index("critical") <= 1 + 1  # at most concurrency + 1 LOW tasks started before it
+
+
+def test_send_task_by_unregistered_name_runs_after_high_and_before_low(shop: Shop, data_dir: str) -> None:
+    record = shop.app.tasks["tqshop.record"]
+    for i in range(3):
+        record.apply_async((f"low{i}",), priority=Priority.LOW)
+    client = Celery("client", set_as_current=False)
+    celery_tq.install(client, preset="development")
+    client.conf.update(broker_url=shop.broker_url, result_backend=shop.result_backend)
+    try:
+        client.send_task("tqshop.record", ("by-name",))
+    finally:
+        client.close()
+    for i in range(3):
+        record.apply_async((f"high{i}",), priority=Priority.HIGH)
+    shop.start_worker(concurrency=1)
+    ran = [label for label, _ in _wait_for_lines(data_dir, 7)]
+    assert ran == ["high0", "high1", "high2", "by-name", "low0", "low1", "low2"]
+
+
+BANDS = {"tq.high": [7, 9], "tq.default": [0, 6]}
+
+
+def test_dedicated_band_worker_serves_high_while_low_floods_the_default_band(
+    shop: Shop, data_dir: str
+) -> None:
+    app = tqshop.make_app(shop.broker_url, shop.result_backend, tq_priority_bands=BANDS)
+    env = {"TQSHOP_CONF": json.dumps({"tq_priority_bands": BANDS})}
+    record = app.tasks["tqshop.record"]
+    for i in range(40):
+        record.apply_async((f"low{i:02d}", 0.2), priority=Priority.LOW)
+    shop.start_worker(concurrency=1, queues=["tq.default"], env=env)
+    shop.start_worker(concurrency=1, queues=["tq.high"], env=env)
+    _wait_for_lines(data_dir, 1)
+    result = record.apply_async(("high",), priority=Priority.HIGH)
+    assert result.get(timeout=60) == "high"
+    ran = [label for label, _ in _order(data_dir)]
+    assert ran.index("high") <= 5  # not behind the 40-task flood
+    app.close()
+
+
+def test_worker_without_queues_consumes_every_band(shop: Shop) -> None:
+    app = tqshop.make_app(shop.broker_url, shop.result_backend, tq_priority_bands=BANDS)
+    shop.start_worker(env={"TQSHOP_CONF": json.dumps({"tq_priority_bands": BANDS})})
+    echo = app.tasks["tqshop.echo_meta"]
+    assert echo.apply_async(("h",), priority=9).get(timeout=60)["queue"] == "tq.high"
+    assert echo.apply_async(("l",), priority=1).get(timeout=60)["queue"] == "tq.default"
+    assert echo.apply_async(("q",), priority=9, queue="tq.default").get(timeout=60)["queue"] == "tq.default"
+    app.close()
+
+
+@pytest.mark.parametrize("priority", [10, -1, 99])
+def test_out_of_range_priorities_are_refused(shop: Shop, priority: int) -> None:
+    with pytest.raises(errors.MetadataError):
+        shop.app.tasks["tqshop.record"].apply_async(("x",), priority=priority)
