@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 from celery import Celery
 
+from celery_tq.broker_checks import amqp_findings
+from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
 from celery_tq.task import TqTask
 
 __all__ = ["Finding", "run"]
 
-Level = Literal["error", "warning", "info"]
 _ORDER = {"error": 0, "warning": 1, "info": 2}
 _NO_PRIORITY = {"memory", "filesystem", "sqs", "sqla", "sqlalchemy", "zookeeper", "etcd"}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing ``check()`` noticed: how bad it is, a stable code, what, and how to fix it."""
-
-    level: Level
-    code: str
-    message: str
-    fix: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def run(app: Celery) -> list[Finding]:
@@ -36,6 +23,7 @@ def run(app: Celery) -> list[Finding]:
     findings += _serializers(conf)
     findings += _priority(conf)
     findings += _timeouts(app)
+    findings += amqp_findings(app)
     if not conf.result_backend or conf.result_backend == "disabled":
         findings.append(
             Finding(

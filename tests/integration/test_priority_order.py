@@ -14,8 +14,7 @@ from celery import Celery
 import celery_tq
 from celery_tq import Priority, errors
 
-from .apps import tqshop
-from .conftest import Shop
+from .conftest import Shop, tqshop
 
 
 def _order(data_dir: str) -> list[tuple[str, int]]:

@@ -1,0 +1,109 @@
+"""Findings that need the broker itself: RabbitMQ queue arguments and server version."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from celery import Celery
+
+from celery_tq.findings import Finding
+from celery_tq.routing import broker_kind
+from celery_tq.settings import TqSettings
+
+__all__ = ["amqp_findings"]
+
+_PRECONDITION_FAILED = 406
+
+
+def amqp_findings(app: Celery) -> list[Finding]:
+    """RabbitMQ: tq queues that exist with other arguments (the 406 trap), quorum + priority."""
+    if broker_kind(app.conf.broker_url) != "amqp":
+        return []
+    settings = TqSettings.from_app(app)
+    queues = [q for q in app.amqp.queues.values() if q.name in settings.queues()]
+    findings: list[Finding] = []
+    if len(settings.queues()) > 1:
+        findings.append(
+            Finding(
+                "info",
+                "amqp-bands-interleave",
+                "RabbitMQ interleaves queues consumed by one worker: priority is strict inside each "
+                "band queue, not across them",
+                "run one worker per band (celery worker -Q tq.high) to reserve capacity for urgent work",
+            )
+        )
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+            raw = conn.connection.server_properties.get("version", "0")
+            version = raw.decode() if isinstance(raw, bytes) else str(raw)
+            for queue in queues:
+                findings += _queue_findings(conn, queue, version)
+    except Exception as exc:  # an unreachable broker is a finding, not a crash of check()
+        findings.append(
+            Finding(
+                "warning",
+                "broker-unreachable",
+                f"could not inspect RabbitMQ queues: {exc}",
+                "run `celery tq check` where the broker is reachable",
+            )
+        )
+    return findings
+
+
+def _queue_findings(conn: Any, queue: Any, version: str) -> list[Finding]:
+    arguments = dict(queue.queue_arguments or {})
+    quorum = arguments.get("x-queue-type") == "quorum"
+    if quorum and "x-max-priority" in arguments and _major(version) < 4:
+        return [
+            Finding(
+                "error",
+                "amqp-quorum-priority",
+                f"queue {queue.name!r} is a quorum queue with x-max-priority, which RabbitMQ "
+                f"{version} refuses (quorum queues take priorities from 4.x on)",
+                "declare tq queues as classic queues (task_default_queue_type = 'classic')",
+            )
+        ]
+    if not _exists(conn, queue.name):
+        return []  # the worker will declare it with the right arguments
+    channel = conn.channel()
+    try:
+        queue.bind(channel).declare()  # same arguments: a no-op; other arguments: 406
+    except Exception as exc:
+        if getattr(exc, "code", None) != _PRECONDITION_FAILED:
+            raise
+        return [
+            Finding(
+                "error",
+                "amqp-queue-arguments",
+                f"queue {queue.name!r} exists on RabbitMQ with other arguments than {arguments} "
+                f"(x-max-priority cannot change: 406 PRECONDITION_FAILED)",
+                f"stop producers, let workers drain {queue.name!r}, then `rabbitmqctl delete_queue "
+                f"{queue.name}` and restart the workers (they redeclare it); or set "
+                "tq_default_queue to a new name and migrate",
+            )
+        ]
+    finally:
+        with contextlib.suppress(Exception):  # the broker already closed it after a 406
+            channel.close()
+    return []
+
+
+def _exists(conn: Any, name: str) -> bool:
+    channel = conn.channel()
+    try:
+        channel.queue_declare(queue=name, passive=True)
+        return True
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 0
