@@ -52,8 +52,10 @@ APP_MODULE = textwrap.dedent(
     if os.environ["BENCH_MODE"] == "tq":
         import celery_tq
         task = celery_tq.install(app, preset="production").task
-        if os.environ.get("BENCH_NOEVENTS"):
-            app.conf.update(worker_send_task_events=False, task_send_sent_event=False, task_track_started=False)
+        if os.environ.get("BENCH_NOEVENTS"):  # to see what task events cost
+            app.conf.update(
+                worker_send_task_events=False, task_send_sent_event=False, task_track_started=False
+            )
     elif os.environ["BENCH_MODE"] == "plain-late":
         app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
     log = redis.Redis.from_url(os.environ["BENCH_LOG"])
