@@ -1,6 +1,6 @@
 """kombu transports of celery-tq, selected by the URL scheme after ``tq+``.
 
-``tq+sqlite:///abs/path.db`` (or ``tq+sqlite://relative/path.db``) is the embedded
+``tq+sqlite:////abs/path.db`` (or ``tq+sqlite:///relative/path.db``) is the embedded
 SQLite broker. kombu maps the alias ``tq`` to :class:`Transport` and passes the rest of
 the URL (``sqlite:///...``) as the connection's hostname; :class:`Transport` then builds
 the implementation chosen by :func:`transport_for_url`. A new backend (e.g. ``tq+redis``)
@@ -20,6 +20,8 @@ __all__ = ["SCHEMES", "Transport", "register_transports", "transport_for_url"]
 #: inner URL scheme -> "module:Class" of the kombu transport implementing it.
 SCHEMES: dict[str, str] = {
     "sqlite": "celery_tq.transport.sqlite:Transport",
+    "redis": "celery_tq.transport.redis:Transport",
+    "rediss": "celery_tq.transport.redis:Transport",
 }
 
 
@@ -59,3 +61,22 @@ def register_transports() -> None:
     from kombu.transport import TRANSPORT_ALIASES
 
     TRANSPORT_ALIASES["tq"] = "celery_tq.transport:Transport"
+    _merge_errors()
+
+
+def _merge_errors() -> None:
+    """Give the dispatcher the error classes of every implementation.
+
+    kombu's ``Connection.connection_errors`` (which Celery's consumer reads before it connects,
+    to decide which errors mean "reconnect") comes from the transport *class*, so the
+    dispatcher must list them all; without it a Redis restart is an unrecoverable error.
+    """
+    for kind in ("connection_errors", "channel_errors"):
+        errors = list(getattr(virtual.Transport, kind))
+        for target in SCHEMES.values():
+            try:
+                cls = symbol_by_name(target)
+            except ImportError:  # e.g. redis-py not installed
+                continue
+            errors += [e for e in getattr(cls, kind) if e not in errors]
+        setattr(Transport, kind, tuple(errors))

@@ -1,6 +1,6 @@
 """Embedded kombu transport storing queues, bindings and messages in one SQLite file.
 
-URL: ``tq+sqlite:///abs/path.db`` or ``tq+sqlite://relative/path.db``.
+URL: ``tq+sqlite:////abs/path.db`` or ``tq+sqlite:///relative/path.db`` (as SQLAlchemy reads them).
 Transport options: ``polling_interval`` (s, default 0.01), ``consumer_expiry`` (s, 60),
 ``fanout_ttl`` (s, 300), ``sweep_interval`` (s, 5), ``busy_timeout`` (s, 30),
 ``batch_size`` (max messages claimed per poll, 32).
@@ -69,8 +69,9 @@ def db_path(hostname: str) -> Path:
     """Return the database path of a ``sqlite://...`` broker hostname."""
     scheme, sep, rest = hostname.partition("://")
     if scheme != "sqlite" or not sep or not rest.strip("/"):
-        raise ValueError(f"expected tq+sqlite:///abs/path.db or tq+sqlite://rel.db: {hostname!r}")
-    return Path("/" + rest.lstrip("/")) if rest.startswith("/") else Path(rest)
+        raise ValueError(f"expected tq+sqlite:////abs/path.db or tq+sqlite:///relative/path.db: {hostname!r}")
+    # SQLAlchemy's form, as for the result backend: the path follows the third slash.
+    return Path(rest[1:] if rest.startswith("/") else rest)
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,0 +1,394 @@
+"""tq+redis:// with real ``celery worker`` processes: crashes, ETA, events, Redis restart, frozen link.
+
+Tests that do not hurt Redis use db 14 of the shared server (flushed around each test); the
+ones that kill, restart or freeze it run a private ``redis-server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_tq.testing import WorkerProcess
+from celery_tq.transport import register_transports
+
+ROOT = Path(__file__).parents[2]
+DB = 14
+N_TASKS = 2000
+
+APP = """
+import os, time
+from celery import Celery
+from celery_tq.transport import register_transports
+
+register_transports()
+app = Celery("rtapp", set_as_current=False)
+app.conf.update(
+    broker_url=os.environ["RT_BROKER"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        "priority_steps": list(range(10)),
+        "heartbeat_ttl": 3, "heartbeat_interval": 0.5, "recover_interval": 1,
+        "health_check_interval": 2, "socket_timeout": 5, "socket_connect_timeout": 5,
+    },
+)
+OUT = os.environ["RT_OUT"]
+
+@app.task(name="rt.rec", bind=True)
+def rec(self, i, sleep=0.0):
+    if sleep:
+        time.sleep(sleep)
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if i == int(os.environ.get("RT_VICTIM", "-1")) and not redelivered:
+        with open(OUT + ".victim", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)  # killed here by the test
+    with open(OUT, "a") as f:
+        f.write(f"{i} {int(redelivered)}\\n")
+"""
+
+PROD_APP = """
+import celery_tq
+from celery import Celery
+
+app = Celery("rtprod", set_as_current=False)
+tq = celery_tq.install(app, preset="production")
+
+@tq.task(name="rt.hello")
+def hello(x):
+    return x
+"""
+
+PROXY = """
+import signal, socket, sys, threading
+listen, target = int(sys.argv[1]), int(sys.argv[2])
+links = []
+
+def pipe(src, dst, frozen):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            if frozen.is_set():
+                threading.Event().wait()  # half-open: the bytes never arrive
+            dst.sendall(data)
+    except OSError:
+        pass
+    for s in (src, dst):
+        try:
+            s.close()
+        except OSError:
+            pass
+
+signal.signal(signal.SIGUSR1, lambda *a: [f.set() for f in links])
+server = socket.create_server(("127.0.0.1", listen))
+print("ready", flush=True)
+while True:
+    client, _ = server.accept()
+    upstream = socket.create_connection(("127.0.0.1", target))
+    frozen = threading.Event()
+    links.append(frozen)
+    threading.Thread(target=pipe, args=(client, upstream, frozen), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client, frozen), daemon=True).start()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ping(port: int, timeout: float = 15) -> None:
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+class PrivateRedis:
+    def __init__(self, directory: Path, aof: bool) -> None:
+        self.port = free_port()
+        self.dir = directory
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        self.args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--dir",
+            str(directory),
+            *persistence,
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        wait_ping(self.port)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[[bool], PrivateRedis]]:
+    servers: list[PrivateRedis] = []
+
+    def make(aof: bool) -> PrivateRedis:
+        server = PrivateRedis(tmp_path, aof)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def shared_db(redis_host: str) -> Iterator[str]:
+    client = redis.Redis.from_url(f"redis://{redis_host}/{DB}")
+    client.flushdb()
+    yield f"tq+redis://{redis_host}/{DB}"
+    client.flushdb()
+    client.close()
+
+
+class Run:
+    """The app module in tmp_path, the record file, and workers on one broker URL."""
+
+    def __init__(self, tmp: Path, broker: str, source: str = APP, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.broker = broker
+        self.out = tmp / "out.txt"
+        self.out.touch()
+        name = "rtapp" if source is APP else "rtprod"
+        (tmp / f"{name}.py").write_text(source)
+        self.module = name
+        self.env = {
+            "RT_BROKER": broker,
+            "RT_OUT": str(self.out),
+            "PYTHONPATH": f"{tmp}:{ROOT}",
+            **(env or {}),
+        }
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, **options: Any) -> WorkerProcess:
+        options.setdefault("concurrency", 2)
+        worker = WorkerProcess(self.module, cwd=self.tmp, env=self.env, **options)
+        self.workers.append(worker)
+        return worker.start()
+
+    def records(self) -> list[tuple[int, bool]]:
+        lines = self.out.read_text().split("\n")
+        return [(int(a), b == "1") for a, b in (line.split() for line in lines if line.strip())]
+
+    def wait_done(self, n: int, timeout: float) -> list[tuple[int, bool]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.records()
+            if len({i for i, _ in records}) >= n:
+                return records
+            time.sleep(0.1)
+        return self.records()
+
+    def wait_count(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.records()) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+def send(broker: str, n: int, sleep: float = 0.0, **options: Any) -> None:
+    """Publish ``n`` rt.rec tasks through the tq transport."""
+    register_transports()
+    app = Celery("sender", set_as_current=False, broker=broker)
+    app.conf.broker_transport_options = {"priority_steps": list(range(10))}
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task("rt.rec", args=(i, sleep), producer=producer, **options)
+    app.close()
+
+
+def check_complete(records: list[tuple[int, bool]], n: int, window: int) -> collections.Counter[int]:
+    counts = collections.Counter(i for i, _ in records)
+    missing = set(range(n)) - set(counts)
+    assert not missing, f"{len(missing)} task(s) never ran, e.g. {sorted(missing)[:10]}"
+    duplicates = sum(c - 1 for c in counts.values())
+    assert duplicates <= window, f"{duplicates} duplicate executions > prefetch window {window}"
+    return counts
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+@pytest.fixture
+def run_factory(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    runs: list[Run] = []
+
+    def make(broker: str, **kw: Any) -> Run:
+        run = Run(tmp_path, broker, **kw)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def test_kill_9_of_a_prefork_child_loses_nothing(shared_db: str, run_factory: Callable[..., Run]) -> None:
+    victim = N_TASKS // 4
+    run = run_factory(shared_db, env={"RT_VICTIM": str(victim)})
+    send(shared_db, N_TASKS, sleep=0.001)
+    run.worker()
+    marker = Path(f"{run.out}.victim")
+    deadline = time.monotonic() + 60
+    while (not marker.exists() or not marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(int(marker.read_text()), signal.SIGKILL)  # the child running task `victim`
+    records = run.wait_done(N_TASKS, timeout=90)
+    check_complete(records, N_TASKS, window=2 * 4)
+    assert (victim, True) in records, "the requeued task did not run again marked redelivered"
+
+
+def test_kill_9_of_the_whole_worker_loses_nothing(shared_db: str, run_factory: Callable[..., Run]) -> None:
+    run = run_factory(shared_db)
+    send(shared_db, N_TASKS, sleep=0.001)
+    first = run.worker()
+    run.wait_count(N_TASKS // 4)
+    first.kill()
+    done_at_kill = {i for i, _ in run.records()}
+    run.worker()  # recovers the dead worker's processing list once its heartbeat expires
+    records = run.wait_done(N_TASKS, timeout=90)
+    check_complete(records, N_TASKS, window=2 * 4)
+    redelivered = {i for i, r in records if r}
+    assert redelivered, "the recovered tasks were not marked redelivered"
+    assert len(redelivered - done_at_kill) <= 2 * 4
+
+
+def test_eta_task_not_run_twice_while_its_worker_lives(
+    shared_db: str, run_factory: Callable[..., Run]
+) -> None:
+    run = run_factory(shared_db)
+    run.worker(concurrency=1)
+    run.worker(concurrency=1)  # a second consumer that would get a redelivered copy
+    send(shared_db, 1, countdown=30)
+    records = run.wait_done(1, timeout=60)
+    time.sleep(4)  # > heartbeat_ttl + recover_interval: room for a wrong redelivery to run
+    assert run.records() == [(0, False)], records
+
+
+def test_events_inspect_ping_with_the_production_preset(
+    shared_db: str, redis_host: str, run_factory: Callable[..., Run]
+) -> None:
+    env = {"TQ_BROKER_URL": shared_db, "TQ_RESULT_BACKEND": f"redis://{redis_host}/15"}
+    run = run_factory(shared_db, source=PROD_APP, env=env)
+    run.worker()
+    register_transports()
+    app = Celery("client", set_as_current=False, broker=shared_db)
+    try:
+        replies = app.control.inspect(timeout=5).ping() or {}
+        assert [reply for reply in replies.values()] == [{"ok": "pong"}]
+        assert len(app.control.ping(timeout=5)) == 1
+        seen: list[dict[str, Any]] = []
+        with app.connection() as conn:
+            receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+            thread = threading.Thread(target=receiver.capture, kwargs={"limit": None, "wakeup": False})
+            thread.daemon = True
+            thread.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(e["type"] == "task-succeeded" for e in seen):
+                app.send_task("rt.hello", args=(1,), queue="tq.default", ignore_result=True)
+                time.sleep(1)
+            receiver.should_stop = True
+            thread.join(10)
+        assert any(e["type"] == "task-succeeded" for e in seen), sorted({e["type"] for e in seen})
+    finally:
+        app.close()
+
+
+def test_redis_restart_with_aof_loses_nothing(
+    private_redis: Callable[[bool], PrivateRedis], run_factory: Callable[..., Run]
+) -> None:
+    server = private_redis(True)
+    broker = f"tq+redis://127.0.0.1:{server.port}/0"
+    n = 400
+    run = run_factory(broker)
+    send(broker, n, sleep=0.005)
+    run.worker()
+    run.wait_count(n // 4)
+    server.kill()
+    time.sleep(2)
+    server.start()
+    records = run.wait_done(n, timeout=90)
+    # Celery drops its reserved copies on reconnect: up to two prefetch windows run again
+    check_complete(records, n, window=2 * 2 * 4)
+
+
+def test_frozen_worker_link_loses_nothing(
+    private_redis: Callable[[bool], PrivateRedis], run_factory: Callable[..., Run], tmp_path: Path
+) -> None:
+    server = private_redis(False)
+    port = free_port()
+    script = tmp_path / "proxy.py"
+    script.write_text(PROXY)
+    proxy = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(server.port)], stdout=subprocess.PIPE
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        n = 300
+        direct = f"tq+redis://127.0.0.1:{server.port}/0"
+        run = run_factory(f"tq+redis://127.0.0.1:{port}/0")
+        send(direct, n, sleep=0.01)
+        run.worker()
+        run.wait_count(n // 4)
+        proxy.send_signal(signal.SIGUSR1)  # every link open now hangs; new ones work
+        records = run.wait_done(n, timeout=120)
+        check_complete(records, n, window=3 * 2 * 4)
+    finally:
+        proxy.kill()
+        proxy.wait(10)
+        if proxy.stdout is not None:
+            proxy.stdout.close()
