@@ -71,7 +71,7 @@ def configs(poll: float) -> list[tuple[str, str, dict[str, object]]]:
     """(label, broker URL template, transport options); {d} is the round's directory."""
     fs = {"data_folder_in": "{d}/fs", "data_folder_out": "{d}/fs", "control_folder": "{d}/ctl"}
     return [
-        (f"tq+sqlite:// (poll {poll}s)", "tq+sqlite://{d}/broker.db", {"polling_interval": poll}),
+        (f"tq+sqlite:// (poll {poll}s)", "tq+sqlite:///{d}/broker.db", {"polling_interval": poll}),
         (f"filesystem:// (poll {poll}s)", "filesystem://", {**fs, "polling_interval": poll}),
         ("filesystem:// (default poll 1s)", "filesystem://", fs),
     ]

@@ -23,6 +23,7 @@ def run(app: Celery) -> list[Finding]:
     findings += _serializers(conf)
     findings += _priority(conf)
     findings += _timeouts(app)
+    findings += _registry(app)
     findings += amqp_findings(app)
     if not conf.result_backend or conf.result_backend == "disabled":
         findings.append(
@@ -30,7 +31,7 @@ def run(app: Celery) -> list[Finding]:
                 "warning",
                 "no-result-backend",
                 "no result backend: callers cannot get results or errors",
-                'set result_backend (the development preset uses "db+sqlite:///...")',
+                'set result_backend (the development preset uses "tq+sqlite:///...")',
             )
         )
     return sorted(findings, key=lambda f: _ORDER[f.level])
@@ -114,6 +115,26 @@ def _timeouts(app: Any) -> list[Finding]:
                 f"the {pool} pool has no time limits; celery-tq raises TaskTimeout in the task "
                 "itself (a task blocked in C code is failed at timeout + grace)",
                 "prefork enforces hard limits by killing the process",
+            )
+        ]
+    return []
+
+
+def _registry(app: Celery) -> list[Finding]:
+    from celery_tq.registry.capture import registry_url
+
+    backend = str(app.conf.result_backend or "")
+    # With in-memory results too (the testing preset) everything runs in one process anyway.
+    in_memory_results = backend.startswith(("cache+memory", "memory", "tq+memory"))
+    if registry_url(app).startswith(("memory://", "tq+memory://")) and backend and not in_memory_results:
+        return [
+            Finding(
+                "warning",
+                "registry-in-memory",
+                "task records live only in each process's memory: the worker's records are "
+                "invisible to clients, `celery tq tasks` and Flower users",
+                'use result_backend = "tq+sqlite:///path" (or tq+postgresql://, tq+redis://), '
+                "or set tq_registry_url to one of those stores",
             )
         ]
     return []

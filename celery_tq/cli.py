@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
-from typing import Any
+import time
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
 import click
 from celery.bin.base import CeleryCommand
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
+from celery_tq.registry.capture import registry_url
 from celery_tq.system import system_for
 
 __all__ = ["tq"]
@@ -18,7 +23,7 @@ __all__ = ["tq"]
 
 @click.group(name="tq")
 def tq() -> None:
-    """celery-tq: check the configuration (more commands come with the registry)."""
+    """celery-tq: the task registry (tasks, show, purge) and configuration checks."""
 
 
 @tq.command(cls=CeleryCommand)
@@ -46,3 +51,179 @@ def _print_findings(findings: list[Any]) -> None:
     for f in findings:
         table.add_row(f"[{colours[f.level]}]{f.level}[/]", f.code, f.message, f.fix)
     console.print(table)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _seconds(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 1h, 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _when(text: str | None) -> datetime | None:
+    """An ISO 8601 time (naive = local time) or a duration back from now (``1h``, ``7d``)."""
+    if text is None:
+        return None
+    if _DURATION.match(text.strip()):
+        return datetime.now().astimezone() - timedelta(seconds=_seconds(text))
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is neither an ISO 8601 time nor a duration like 1h") from None
+
+
+@tq.command(cls=CeleryCommand)
+@click.option("--state", help="SUCCESS, FAILURE, QUEUED, STARTED, RETRY, REVOKED, REJECTED.")
+@click.option("--tag", "tags", multiple=True, help="Only tasks with this tag (repeat: all of them).")
+@click.option("--name", help="Only tasks of this name.")
+@click.option("--queue", help="Only tasks sent to this queue.")
+@click.option("--priority", type=click.IntRange(0, 9), help="Only tasks of this priority.")
+@click.option("--since", help="Submitted since: ISO time or a duration back from now (1h, 7d).")
+@click.option("--until", help="Submitted until: ISO time or a duration back from now.")
+@click.option("--root", "root_id", help="Only the tasks of this chain/workflow (its root id).")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
+@click.pass_context
+def tasks(ctx: click.Context, /, as_json: bool, **filters: Any) -> None:
+    """List task records, newest first: celery -A mod tq tasks --tag billing --state FAILURE --since 1h"""
+    filters["since"], filters["until"] = _when(filters["since"]), _when(filters["until"])
+    filters["tags"] = filters["tags"] or None
+    records = system_for(ctx.obj.app).registry.query(**filters)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in records], indent=2, default=str))
+        return
+    table = Table("id", "name", "state", "prio", "tags", "queue", "submitted", "runtime", "tries", "error")
+    for r in records:
+        table.add_row(
+            r.id,
+            r.name or "",
+            _state(r.state),
+            "" if r.priority is None else str(r.priority),
+            ",".join(sorted(r.tags)),
+            r.queue or "",
+            r.submitted_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if r.submitted_at else "",
+            "" if r.runtime is None else f"{r.runtime:.3f}s",
+            str(r.retries),
+            _error_line(r.error),
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"{len(records)} task(s)")
+
+
+@tq.command(cls=CeleryCommand)
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@click.pass_context
+def show(ctx: click.Context, task_id: str, as_json: bool) -> None:
+    """Show one task's record, with its error and traceback; exit 1 if there is none."""
+    record = system_for(ctx.obj.app).registry.get(task_id)
+    if record is None:
+        click.echo(f"no record of task {task_id}", err=True)
+        sys.exit(1)
+    data = record.as_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in data.items():
+        if key == "error":
+            value = _error_line(record.error)
+        elif key == "state":
+            value = _state(record.state)
+        table.add_row(key, "" if value is None else str(value))
+    console = Console()
+    console.print(table)
+    if record.error:
+        for line in record.error.get("context") or ():
+            console.print(f"context: {line}")
+        if record.error.get("traceback"):
+            console.print(record.error["traceback"], markup=False, highlight=False)
+
+
+@tq.command(cls=CeleryCommand)
+@click.option("--older-than", help="A duration (90s, 30m, 12h, 7d); default: tq_result_expires.")
+@click.pass_context
+def purge(ctx: click.Context, older_than: str | None) -> None:
+    """Delete task records submitted longer ago than --older-than."""
+    system = system_for(ctx.obj.app)
+    seconds = _seconds(older_than) if older_than else system.settings.result_expires
+    purged = system.registry.purge(seconds)
+    click.echo(f"purged {purged} task record(s) older than {timedelta(seconds=seconds)}")
+
+
+def _state(state: str) -> str:
+    colour = {"SUCCESS": "green", "FAILURE": "red", "RETRY": "yellow", "REVOKED": "magenta"}.get(state)
+    return f"[{colour}]{state}[/]" if colour else state
+
+
+def _error_line(error: dict[str, Any] | None) -> str:
+    if not error:
+        return ""
+    return f"{error.get('type')}: {error.get('message')}"
+
+
+@tq.command(cls=CeleryCommand)
+@click.option("--once", is_flag=True, help="Print one snapshot and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print snapshots as JSON (one per line).")
+@click.option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True)
+@click.pass_context
+def status(ctx: click.Context, once: bool, as_json: bool, interval: float) -> None:
+    """Live view: queue depth per priority, running tasks, throughput, failures by tag, waits."""
+    from celery_tq.monitor import snapshot
+    from celery_tq.status_view import render
+
+    app = ctx.obj.app
+    try:
+        registry = system_for(app).registry
+        snap = snapshot(app, registry)
+    except Exception as exc:  # a wrong broker URL, an unreachable store, an app without tq
+        _fail(f"celery-tq status: {exc}")
+    if once and not snap.counts:
+        _fail(f"celery-tq status: no task recorded yet in {registry_url(app)}")
+    if as_json:
+        while True:
+            click.echo(json.dumps(snap.as_dict(), default=str))
+            if once:
+                return
+            time.sleep(interval)
+            snap = snapshot(app, registry)
+    console = Console()
+    if once:
+        console.print(render(snap))
+        return
+    with Live(render(snap), console=console, refresh_per_second=4) as live:
+        while True:
+            time.sleep(interval)
+            live.update(render(snapshot(app, registry)))
+
+
+@tq.command(cls=CeleryCommand)
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.pass_context
+def exporter(ctx: click.Context, port: int, address: str) -> None:
+    """Serve Prometheus metrics: queue depth and waits by priority, tasks by state and name."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from celery_tq.exporter import TqCollector
+
+    app = ctx.obj.app
+    try:
+        metrics = CollectorRegistry()
+        metrics.register(TqCollector(app, system_for(app).registry))
+        start_http_server(port, addr=address, registry=metrics)
+    except Exception as exc:
+        _fail(f"celery-tq exporter: {exc}")
+    click.echo(f"celery-tq exporter: http://{address}:{port}/metrics")
+    while True:
+        time.sleep(3600)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(message.splitlines()[0] if message else "failed", err=True)
+    sys.exit(1)

@@ -41,12 +41,14 @@ def _common() -> Settings:
 
 
 def development() -> Settings:
-    """One machine, no server: the embedded SQLite broker and SQLite results under data_dir()."""
+    """One machine, no server: the embedded SQLite broker and the SQLite registry/results under data_dir()."""
     root = data_dir()
     return {
         **_common(),
-        "broker_url": f"tq+sqlite://{root / 'broker.db'}",  # scheme + absolute path
-        "result_backend": f"db+sqlite:///{root / 'results.db'}",
+        "broker_url": f"tq+sqlite:///{root / 'broker.db'}",
+        # sqlite:/// + an absolute path = four slashes: absolute, as SQLAlchemy reads it.
+        "result_backend": f"tq+sqlite:///{root / 'results.db'}",
+        "tq_result_expires": 7 * 24 * 3600,
         "tq_timeout_grace": 5.0,
     }
 
@@ -56,7 +58,7 @@ def testing() -> Settings:
     return {
         **_common(),
         "broker_url": "memory://",
-        "result_backend": "cache+memory://",
+        "result_backend": "tq+memory://",
         "worker_hijack_root_logger": False,
         "tq_timeout_grace": 1.0,
     }
@@ -71,9 +73,10 @@ def production() -> Settings:
     """
     return {
         **_common(),
-        "broker_url": os.environ.get("TQ_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+        "broker_url": _reliable(os.environ.get("TQ_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")),
+        # The tq backend: results and task records in PostgreSQL, one write per state change.
         "result_backend": os.environ.get(
-            "TQ_RESULT_BACKEND", "db+postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+            "TQ_RESULT_BACKEND", "tq+postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
         ),
         "task_reject_on_worker_lost": True,
         "task_retry_on_worker_lost": True,
@@ -85,8 +88,18 @@ def production() -> Settings:
         "result_backend_max_retries": 30,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "task_publish_retry": True,
+        # Only needed when TQ_RESULT_BACKEND names another (non-tq) Celery backend.
+        **({"tq_registry_url": os.environ["TQ_REGISTRY_URL"]} if os.environ.get("TQ_REGISTRY_URL") else {}),
+        "tq_result_expires": 7 * 24 * 3600,
         "tq_timeout_grace": 10.0,
     }
+
+
+def _reliable(broker_url: str) -> str:
+    """On Redis, production uses the plugin's reliable transport (same keys as kombu's)."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return f"tq+{broker_url}"
+    return broker_url
 
 
 PRESETS: dict[str, Callable[[], Settings]] = {

@@ -1,11 +1,242 @@
-"""Signal handlers that record every task in the registry (filled in by the registry work)."""
+"""Signal handlers that record every task of one app in its registry.
+
+``QUEUED`` comes from the client (``after_task_publish``, buffered off the caller's thread),
+``STARTED``/``RETRY``/terminal states from the worker. When the result backend is the ``tq``
+backend on the registry's store, the backend's own write is the record, so only what Celery
+never stores (``QUEUED``, ``REJECTED``) is written here. Handlers are connected with
+``weak=False`` and a ``dispatch_uid`` of the app's own, and ignore other apps.
+"""
 
 from __future__ import annotations
 
-from celery import Celery
+import contextvars
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, signals
+from kombu.exceptions import EncodeError
+from kombu.utils.json import dumps
+
+from celery_tq import error_codec
+from celery_tq.errors import InvalidInput
+from celery_tq.registry import Store, store_for_url
+from celery_tq.registry.capture import from_headers, from_request, registry_url
+from celery_tq.registry.record import QUEUED, change
+from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
+from celery_tq.settings import TqSettings
 
 __all__ = ["connect"]
+
+_publishing: contextvars.ContextVar[Celery | None] = contextvars.ContextVar("tq_publishing", default=None)
+PURGE_EVERY = 3600.0
 
 
 def connect(app: Celery) -> None:
     """Connect the registry's handlers for ``app`` (``weak=False``, one ``dispatch_uid`` each)."""
+    uid = app.__dict__.setdefault("_tq_registry_uid", uuid.uuid4().hex)
+    recorder = _Recorder(weakref.ref(app))
+    _mark_publishes(app)
+    for signal, handler in (
+        (signals.after_task_publish, recorder.on_published),
+        (signals.task_prerun, recorder.on_started),
+        (signals.task_retry, recorder.on_retry),
+        (signals.task_success, recorder.on_success),
+        (signals.task_failure, recorder.on_failure),
+        (signals.task_revoked, recorder.on_revoked),
+        (signals.task_rejected, recorder.on_rejected),
+        (signals.task_unknown, recorder.on_unknown),
+        (signals.task_postrun, recorder.on_postrun),
+        (signals.worker_process_shutdown, recorder.on_process_shutdown),
+        (signals.worker_ready, recorder.on_worker_ready),
+    ):
+        signal.connect(handler, weak=False, dispatch_uid=f"tq-registry-{handler.__name__}-{uid}")
+
+
+def _mark_publishes(app: Celery) -> None:
+    """``after_task_publish`` names no app: the app's sender marks its own publishes."""
+    amqp: Any = app.amqp  # private hook, as in celery_tq.publish
+    amqp.__dict__.pop("send_task_message", None)
+    create = amqp._create_task_sender
+
+    def _create_task_sender() -> Callable[..., Any]:
+        send = create()
+
+        def send_task_message(*args: Any, **kwargs: Any) -> Any:
+            token = _publishing.set(app)
+            try:
+                return send(*args, **kwargs)
+            finally:
+                _publishing.reset(token)
+
+        return send_task_message
+
+    amqp._create_task_sender = _create_task_sender
+
+
+class _Recorder:
+    """The handlers of one app; every handler returns at once for another app's tasks."""
+
+    def __init__(self, app_ref: weakref.ref[Celery]) -> None:
+        self.app_ref = app_ref
+        self._started: dict[str, float] = {}
+
+    def _target(self, sender_app: Any) -> tuple[Store, bool] | None:
+        """(store, whether the tq backend already writes results) for this app, else None."""
+        app = self.app_ref()
+        if app is None or sender_app is not app:
+            return None
+        url = registry_url(app)
+        from celery_tq.backend import TqBackend
+
+        backend = app.backend
+        backend_writes = isinstance(backend, TqBackend) and backend.store is store_for_url(url)
+        return store_for_url(url), backend_writes
+
+    def on_published(
+        self, sender: Any = None, headers: Any = None, routing_key: Any = None, **kw: Any
+    ) -> None:
+        app = _publishing.get()
+        if app is None or not headers or "id" not in headers:
+            return
+        target = self._target(app)
+        if target is None:
+            return
+        retries = int(headers.get("retries") or 0)
+        fields = from_headers(headers, routing_key)
+        enqueue(target[0], change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields))
+
+    def on_started(self, sender: Any = None, task_id: str = "", task: Any = None, **kw: Any) -> None:
+        target = self._target(getattr(task, "app", None))
+        if target is None:
+            return
+        store, backend_writes = target
+        if backend_writes and getattr(task, "track_started", False):
+            return
+        retries, fields = from_request(task.request)
+        fields["tags"] = fields["tags"] or _task_tags(task)
+        now = time.time()
+        enqueue(store, change(task_id, "STARTED", retries, submitted_at=now, started_at=now, **fields))
+
+    def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **kw: Any) -> None:
+        self._finish(sender, "RETRY", request, error=reason, retry=True)
+
+    def on_success(self, sender: Any = None, result: Any = None, **kw: Any) -> None:
+        self._finish(sender, "SUCCESS", getattr(sender, "request", None), result=result)
+
+    def on_failure(self, sender: Any = None, task_id: str = "", exception: Any = None, **kw: Any) -> None:
+        request = getattr(sender, "request", None)
+        if getattr(request, "id", None) != task_id:
+            request = None
+        if isinstance(exception, EncodeError):
+            invalid = InvalidInput(f"the result of {getattr(sender, 'name', 'task')} cannot be serialized")
+            invalid.__cause__ = exception
+            exception = invalid
+        self._finish(sender, "FAILURE", request, error=exception, task_id=task_id)
+
+    def on_revoked(self, sender: Any = None, request: Any = None, **kw: Any) -> None:
+        from celery_tq.errors import Cancelled
+
+        error = Cancelled(str(getattr(request, "task", None) or getattr(sender, "name", "")))
+        self._finish(sender, "REVOKED", request, error=error)
+
+    def on_unknown(
+        self, sender: Any = None, name: str = "", id: str = "", exc: Any = None, **kw: Any
+    ) -> None:
+        target = self._target(getattr(sender, "app", None))
+        if target is None or target[1] or not id:
+            return
+        from celery.exceptions import NotRegistered
+
+        row = change(id, "FAILURE", 0, name=name, submitted_at=time.time(), finished_at=time.time())
+        row["error"] = dumps(error_codec.encode(NotRegistered(name)))
+        write_with_retry(target[0], [row], f"FAILURE of unknown task {id}")
+
+    def on_rejected(self, sender: Any = None, message: Any = None, exc: Any = None, **kw: Any) -> None:
+        target = self._target(getattr(sender, "app", None))
+        headers = getattr(message, "headers", None) or {}
+        if target is None or "id" not in headers:
+            return  # Celery itself never stores REJECTED: always ours to write
+        now = time.time()
+        fields = from_headers(headers, None)
+        row = change(headers["id"], "REJECTED", int(headers.get("retries") or 0), **fields)
+        row.update(submitted_at=now, finished_at=now)
+        if exc is not None:
+            row["error"] = dumps(error_codec.encode(exc))
+        write_with_retry(target[0], [row], f"REJECTED of task {headers['id']}")
+
+    def _finish(
+        self,
+        sender: Any,
+        state: str,
+        request: Any,
+        result: Any = None,
+        error: Any = None,
+        retry: bool = False,
+        task_id: str | None = None,
+    ) -> None:
+        target = self._target(getattr(sender, "app", None))
+        if target is None or target[1]:
+            return
+        retries, fields = from_request(request)
+        task_id = task_id or str(getattr(request, "id", "") or "")
+        if not task_id:
+            return
+        now = time.time()
+        fields["name"] = fields["name"] or getattr(sender, "name", None)
+        if retry:
+            retries += 1
+        else:
+            fields["finished_at"] = now
+        if isinstance(error, BaseException):
+            limits = getattr(request, "timelimit", None) or (None, None)
+            converted = error_codec.convert(error, str(fields["name"] or ""), limits[1])
+            fields["error"] = dumps(error_codec.encode(converted))
+        elif state == "SUCCESS":
+            fields["result"] = _json_or_repr(result)
+        row = change(task_id, state, retries, submitted_at=now, **fields)
+        write_with_retry(target[0], [row], f"{state} of task {task_id}")
+
+    def on_postrun(self, sender: Any = None, **kw: Any) -> None:
+        if self._target(getattr(sender, "app", None)) is not None:
+            flush_all()  # what the task published is recorded before the next one runs
+
+    def on_process_shutdown(self, **kw: Any) -> None:
+        flush_all()
+
+    def on_worker_ready(self, sender: Any = None, **kw: Any) -> None:
+        app = self.app_ref()
+        if app is None or getattr(sender, "app", None) is not app:
+            return
+        timer = getattr(sender, "timer", None)
+        if timer is not None:
+            self._purge(app)
+            timer.call_repeatedly(PURGE_EVERY, self._purge, (self.app_ref(),))
+
+    @staticmethod
+    def _purge(app: Celery | None) -> None:
+        """The periodic retention job: records older than ``tq_result_expires`` go."""
+        if app is None:
+            return
+        try:
+            expires = TqSettings.from_app(app).result_expires
+            store_for_url(registry_url(app)).purge(time.time() - expires)
+        except Exception as exc:  # never takes the worker down
+            import logging
+
+            logging.getLogger("celery_tq.registry").error("celery-tq: registry purge failed: %s", exc)
+
+
+def _task_tags(task: Any) -> list[str] | None:
+    metadata = getattr(task, "metadata", None)
+    tags = getattr(metadata, "tags", None)
+    return sorted(tags) if tags else None
+
+
+def _json_or_repr(value: Any) -> str:
+    try:
+        return str(dumps(value))
+    except (TypeError, ValueError):
+        return str(dumps(repr(value)))

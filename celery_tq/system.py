@@ -15,6 +15,8 @@ from celery_tq import checks, presets, timeouts
 from celery_tq import signals as signals_module
 from celery_tq.errors import ConfigurationError
 from celery_tq.publish import wire_publisher
+from celery_tq.registry import Registry, store_for_url
+from celery_tq.registry.capture import registry_url
 from celery_tq.result_errors import wire_backend
 from celery_tq.routing import PriorityRouter, broker_kind, queues_for
 from celery_tq.settings import TqSettings
@@ -144,6 +146,11 @@ class TaskQueueSystem:
         if self._previous_default is not None:
             _state.set_default_app(self._previous_default)
 
+    @property
+    def registry(self) -> Registry:
+        """The record of every task: ``tq.registry.get(id)``, ``.query(...)``, ``.counts(...)``."""
+        return _registry_for(self.app)
+
     def check(self) -> list[checks.Finding]:
         """Findings about this configuration, most severe first."""
         return checks.run(self.app)
@@ -220,6 +227,11 @@ def _apply_preset(conf: Any, preset_settings: dict[str, Any]) -> None:
 
 def _as_list(routes: Any) -> list[Any]:
     return list(routes) if isinstance(routes, list | tuple) else [routes]
+
+
+def _registry_for(app: Celery) -> Registry:
+    """The app's registry: ``tq_registry_url``, else its ``tq+`` result backend's store."""
+    return Registry(store_for_url(registry_url(app)))
 
 
 def _connect_signals(app: Celery) -> None:

@@ -11,8 +11,8 @@ from celery_tq import presets
 
 globals().update(presets.production())
 
-broker_url = os.environ.get("TQ_BROKER_URL", broker_url)  # noqa: F821 (set by the preset)
-result_backend = os.environ.get("TQ_RESULT_BACKEND", result_backend)  # noqa: F821
+# The preset itself reads TQ_BROKER_URL (a redis:// URL becomes the reliable tq+redis://),
+# TQ_RESULT_BACKEND and TQ_REGISTRY_URL.
 tq_timeout_grace = float(os.environ.get("TQ_TIMEOUT_GRACE", tq_timeout_grace))  # noqa: F821
 if os.environ.get("TQ_PRIORITY_BANDS"):
     tq_priority_bands = {q: tuple(b) for q, b in json.loads(os.environ["TQ_PRIORITY_BANDS"]).items()}

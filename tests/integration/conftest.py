@@ -35,8 +35,8 @@ BROKERS = ["embedded", "redis", "rabbitmq"]
 
 def _urls(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[str, str]:
     sqlite_results = f"db+sqlite:///{tmp / 'results.db'}"
-    if kind == "embedded":
-        return f"tq+sqlite://{tmp / 'broker.db'}", sqlite_results
+    if kind == "embedded":  # the development preset's setup: results and records in the tq backend
+        return f"tq+sqlite:///{tmp / 'broker.db'}", f"tq+sqlite:///{tmp / 'results.db'}"
     if kind == "redis":
         broker, results = request.getfixturevalue("redis_dbs")
         return broker, results

@@ -23,7 +23,7 @@ from celery_tq.transport import register_transports
 
 register_transports()
 DATA = Path(os.environ["TQ_DATA_DIR"])
-app = Celery("tqapp", broker=f"tq+sqlite://{DATA}/broker.db", backend=f"file://{DATA}/results")
+app = Celery("tqapp", broker=f"tq+sqlite:///{DATA}/broker.db", backend=f"file://{DATA}/results")
 app.conf.update(
     worker_prefetch_multiplier=1,
     task_acks_late=True,

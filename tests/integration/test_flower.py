@@ -294,7 +294,7 @@ def test_flower_with_the_broker_down_logs_and_retries_without_a_traceback(
         broker_url, error = f"redis://127.0.0.1:{free_port()}/0", "Connection refused"
     else:  # the embedded broker's file cannot be created: its "directory" is a regular file
         (Path(data_dir) / "not-a-dir").write_text("")
-        broker_url, error = f"tq+sqlite://{data_dir}/not-a-dir/broker.db", "not-a-dir"
+        broker_url, error = f"tq+sqlite:///{data_dir}/not-a-dir/broker.db", "not-a-dir"
     flower = start_flower(broker_url, f"db+sqlite:///{data_dir}/results.db", env=DEVELOPMENT)
     assert flower.get("/healthcheck") == (200, "OK")  # it serves while it waits for the broker
     flower.wait_for("a retry", lambda: "trying again in" in flower.log)

@@ -109,13 +109,13 @@ def test_development_preset_defaults_to_dot_celery_tq_in_the_working_directory(
 
 def test_development_broker_url_uses_the_documented_absolute_form(tmp_path: Path) -> None:
     expected = tmp_path.resolve() / "broker.db"
-    assert presets.development()["broker_url"] == f"tq+sqlite://{expected}"
+    assert presets.development()["broker_url"] == f"tq+sqlite:///{expected}"
 
 
 def test_testing_preset_runs_in_one_process_in_memory() -> None:
     settings = presets.testing()
     assert settings["broker_url"] == "memory://"
-    assert settings["result_backend"] == "cache+memory://"
+    assert settings["result_backend"] == "tq+memory://"
 
 
 def test_production_preset_loses_nothing_when_a_worker_or_broker_fails() -> None:

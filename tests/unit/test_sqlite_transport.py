@@ -33,11 +33,11 @@ def _registered() -> None:
 
 @pytest.fixture
 def url(tmp_path: Path) -> str:
-    return f"tq+sqlite://{tmp_path}/sub/broker.db"
+    return f"tq+sqlite:///{tmp_path}/sub/broker.db"
 
 
 def rows(url: str, sql: str, *args: Any) -> list[Any]:
-    path = url.removeprefix("tq+sqlite://")
+    path = url.removeprefix("tq+sqlite:///")
     conn = sqlite3.connect(path)
     try:
         return conn.execute(sql, args).fetchall()
@@ -98,8 +98,8 @@ def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         transport_for_url("nosuch://host")
     monkeypatch.chdir(tmp_path)
     for url, path in [
-        (f"tq+sqlite://{tmp_path}/a/b.db", tmp_path / "a/b.db"),
-        ("tq+sqlite://rel/c.db", tmp_path / "rel/c.db"),
+        (f"tq+sqlite:///{tmp_path}/a/b.db", tmp_path / "a/b.db"),
+        ("tq+sqlite:///rel/c.db", tmp_path / "rel/c.db"),
     ]:
         with Connection(url) as conn:
             assert isinstance(conn.transport, SQLiteTransport)

@@ -109,6 +109,19 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     def plain(x: int) -> int:
         return x * 2
 
+    # Registry tests.
+    @tq.task(name="tqshop.slow_fail", shared=False, tags={"billing"})
+    def slow_fail(seconds: float) -> None:
+        time.sleep(seconds)
+        raise errors.InvalidInput("card declined")
+
+    @tq.task(name="tqshop.unserializable", shared=False)
+    def unserializable() -> object:
+        return object()
+
+    if os.environ.get("TQSHOP_STORE_RETRY"):
+        app.conf.tq_store_retry_timeout = float(os.environ["TQSHOP_STORE_RETRY"])
+
     return app
 
 

@@ -1,0 +1,183 @@
+"""``TqBackend``: the Celery result backend that is the registry.
+
+``result_backend = "tq+sqlite:///path"`` (or ``tq+postgresql://...``, ``tq+redis://host:port/db``,
+``tq+memory://``): each state change is ONE write of the task's record, which also carries
+Celery's result meta, so ``AsyncResult.get()``/``.state``/``.traceback`` read the record.
+Groups and chords keep Celery's key-value bookkeeping, in the store's small key-value space.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+from celery import Celery, states
+from celery.backends.base import KeyValueStoreBackend
+from kombu.exceptions import EncodeError
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
+from kombu.utils.json import dumps, loads
+from kombu.utils.url import maybe_sanitize_url
+
+from celery_tq.errors import ConfigurationError, InvalidInput, StorageError
+from celery_tq.registry import store_for_url
+from celery_tq.registry.capture import from_request
+from celery_tq.registry.record import Row, change, to_record
+from celery_tq.registry.writer import RETRY_FOR, flush_pending, write_with_retry
+from celery_tq.result_errors import StructuredErrorsMixin
+from celery_tq.settings import TqSettings
+
+__all__ = ["TqBackend"]
+
+
+class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
+    """Results and registry records in one store; errors arrive structured."""
+
+    supports_native_join = True
+    supports_autoexpire = False  # Celery's backend_cleanup calls cleanup(): purge by tq_result_expires
+    implements_incr = True
+    persistent = True
+
+    def __init__(self, app: Any = None, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url, **kwargs)
+        if not url:
+            raise ConfigurationError(
+                'the tq result backend needs a store: result_backend = "tq+sqlite:///path"'
+            )
+        self.url = url
+        self.store = store_for_url(url)
+        self.retry_for = float(self._app.conf.get("tq_store_retry_timeout") or RETRY_FOR)
+        self._task_prefix = bytes_to_str(self.task_keyprefix)
+
+    def as_uri(self, include_password: bool = False) -> str:
+        uri = f"tq+{self.url}"
+        return uri if include_password else str(maybe_sanitize_url(uri))
+
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if isinstance(result, EncodeError) and state == states.FAILURE:
+            name = getattr(request, "task", None) or "task"
+            invalid = InvalidInput(f"the result of {name} cannot be serialized: {result}")
+            invalid.__cause__ = result
+            result = invalid
+        return super().store_result(task_id, result, state, traceback, request, **kwargs)
+
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        now = time.time()
+        retries, fields = from_request(request)
+        base: Any = super()  # celery-types leaves these helpers out
+        meta = base._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = task_id
+        if state == states.SUCCESS:
+            meta.pop("result", None)
+            try:
+                fields["result"] = dumps(result)
+            except (TypeError, ValueError) as exc:
+                raise EncodeError(f"{type(result).__name__} is not JSON serializable: {exc}") from exc
+        elif state in states.EXCEPTION_STATES and isinstance(result, dict) and result.get("tq"):
+            fields["error"] = dumps(result["tq"])
+        if state == states.RETRY:
+            retries += 1  # the record counts retries already scheduled
+        if state == states.STARTED:
+            fields["started_at"] = now
+            if isinstance(result, dict) and result.get("hostname"):
+                fields["worker"] = result["hostname"]
+        if state in states.READY_STATES:
+            fields["finished_at"] = now
+        row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
+        write_with_retry(self.store, [row], f"{state} of task {task_id}", self.retry_for)
+        return result
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        flush_pending(self.store)  # a QUEUED this process sent is visible at once
+        row = self.store.read([task_id])[0]
+        if row is None:
+            return {"status": states.PENDING, "result": None}
+        return dict(self.meta_from_decoded(self._meta_of(row)))
+
+    def _meta_of(self, row: Row) -> dict[str, Any]:
+        record = to_record(row)
+        try:
+            meta = loads(row["meta"]) if row.get("meta") else {}
+        except ValueError as exc:
+            raise StorageError(f"corrupt result meta: {exc}", record.id) from exc
+        if not isinstance(meta, dict):
+            raise StorageError("corrupt result meta: not an object", record.id)
+        meta.update(status=record.state, task_id=record.id)
+        if record.state == states.SUCCESS:
+            meta["result"] = record.result
+        meta.setdefault("result", None)
+        meta.setdefault("traceback", None)
+        meta.setdefault("children", [])
+        if record.finished_at and not meta.get("date_done"):
+            meta["date_done"] = record.finished_at.isoformat()
+        return meta
+
+    # Celery's key-value interface: task keys map to records, the rest to the store's kv space.
+    def get(self, key: Any) -> Any:
+        return self.mget([key])[0]
+
+    def mget(self, keys: Any) -> list[Any]:
+        names = [bytes_to_str(k) for k in keys]
+        task_ids = [n[len(self._task_prefix) :] for n in names if n.startswith(self._task_prefix)]
+        others = [n for n in names if not n.startswith(self._task_prefix)]
+        found: dict[str, Any] = {}
+        if task_ids:
+            flush_pending(self.store)
+            for task_id, row in zip(task_ids, self.store.read(task_ids), strict=True):
+                if row is not None:
+                    found[self._task_prefix + task_id] = self.encode(self._meta_of(row))
+        if others:
+            found.update(zip(others, self.store.kv_get(others), strict=True))
+        return [found.get(n) for n in names]
+
+    def set(self, key: Any, value: Any) -> None:
+        self.store.kv_set(bytes_to_str(key), ensure_bytes(value), self._ttl(getattr(self, "expires", None)))
+
+    def delete(self, key: Any) -> None:
+        name = bytes_to_str(key)
+        if name.startswith(self._task_prefix):
+            self.store.delete(name[len(self._task_prefix) :])
+        else:
+            self.store.kv_delete(name)
+
+    def incr(self, key: Any) -> int:
+        return self.store.kv_incr(bytes_to_str(key), None)
+
+    def expire(self, key: Any, value: Any) -> None:
+        name = bytes_to_str(key)
+        if not name.startswith(self._task_prefix):  # records follow tq_result_expires
+            self.store.kv_expire(name, self._ttl(value))
+
+    def cleanup(self) -> None:
+        """Celery's ``celery.backend_cleanup``: purge records older than ``tq_result_expires``."""
+        self.store.purge(time.time() - TqSettings.from_app(self._app).result_expires)
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        module = type(exc).__module__.split(".", 1)[0]
+        return isinstance(exc, ConnectionError | TimeoutError) or module in {"redis", "sqlalchemy", "psycopg"}
+
+    @property
+    def _app(self) -> Celery:
+        return cast(Celery, getattr(self, "app"))  # noqa: B009 - celery-types does not declare it
+
+    @staticmethod
+    def _ttl(value: Any) -> float | None:
+        if value is None:
+            return None
+        seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
+        return seconds or None

@@ -1,0 +1,90 @@
+"""Prometheus metrics (``celery -A mod tq exporter --port N``), collected fresh at each scrape.
+
+Label cardinality stays bounded: task names and priorities come from the app, and tags only
+from the ``tq_metric_tags`` allowlist.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from celery import Celery
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths
+
+__all__ = ["TqCollector"]
+
+logger = logging.getLogger("celery_tq")
+
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
+
+
+class TqCollector(Collector):
+    """Queue depth and queue-wait histograms by priority, tasks by state and name, tagged failures."""
+
+    def __init__(self, app: Celery, registry: Any) -> None:
+        self.app = app
+        self.registry = registry
+        self.allowed_tags = frozenset(app.conf.get("tq_metric_tags") or ())
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("tq_up", "1 when the broker and the registry answered this scrape")
+        try:
+            families = list(self._families())
+        except Exception as exc:  # broker or store down: say so, and try again next scrape
+            logger.warning("celery-tq exporter: %s (retrying at the next scrape)", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> Iterator[Any]:
+        depth = GaugeMetricFamily(
+            "tq_queue_depth", "Messages waiting in a tq queue", labels=["queue", "priority"]
+        )
+        for d in queue_depths(self.app):
+            depth.add_metric([d.queue, "" if d.priority is None else str(d.priority)], d.messages)
+        yield depth
+
+        records = self.registry.query(limit=RECENT_LIMIT)
+        by_state_name: dict[tuple[str, str], int] = {}
+        waits: dict[int, list[float]] = {}
+        failures: dict[str, int] = {}
+        for r in records:
+            key = (r.state, r.name or "")
+            by_state_name[key] = by_state_name.get(key, 0) + 1
+            if r.started_at and r.submitted_at:
+                waits.setdefault(r.priority, []).append(r.started_at.timestamp() - r.submitted_at.timestamp())
+            if r.state == "FAILURE":
+                for tag in set(r.tags) & self.allowed_tags:
+                    failures[tag] = failures.get(tag, 0) + 1
+        tasks = GaugeMetricFamily(
+            "tq_tasks", f"Recent tasks (last {RECENT_LIMIT}) by state and name", labels=["state", "name"]
+        )
+        for (state, name), n in sorted(by_state_name.items()):
+            tasks.add_metric([state, name], n)
+        yield tasks
+
+        histogram = HistogramMetricFamily(
+            "tq_queue_wait_seconds", "Time from publish to start, recent tasks", labels=["priority"]
+        )
+        for priority, values in sorted(waits.items()):
+            buckets = [(str(b), sum(1 for v in values if v <= b)) for b in WAIT_BUCKETS]
+            buckets.append(("+Inf", len(values)))
+            histogram.add_metric([str(priority)], buckets, sum(values))
+        yield histogram
+
+        tagged = CounterMetricFamily(
+            "tq_task_failures_by_tag",
+            f"Failed tasks in the last {WINDOW:.0f} s per allowlisted tag (tq_metric_tags)",
+            labels=["tag"],
+        )
+        for tag, n in sorted(failures.items()):
+            tagged.add_metric([tag], n)
+        yield tagged

@@ -1,0 +1,75 @@
+"""What a record says about a task, read from a message's headers or a worker's request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS
+
+__all__ = ["from_headers", "from_request", "registry_url"]
+
+
+def registry_url(app: Celery) -> str:
+    """Where ``app`` keeps records: ``tq_registry_url``, else a ``tq+`` result backend, else memory."""
+    conf = app.conf
+    url = conf.get("tq_registry_url")
+    if url:
+        return str(url)
+    backend = conf.result_backend
+    if isinstance(backend, str) and backend.startswith("tq+"):
+        return backend
+    return "memory://"
+
+
+def from_headers(headers: dict[str, Any], routing_key: str | None) -> dict[str, Any]:
+    """Fields of a published message (the client's ``QUEUED`` write)."""
+    return {
+        "name": headers.get("task"),
+        "args_repr": _text(headers.get("argsrepr")),
+        "kwargs_repr": _text(headers.get("kwargsrepr")),
+        "queue": routing_key or None,
+        "priority": _int(headers.get(HEADER_PRIORITY)),
+        "tags": headers.get(HEADER_TAGS),
+        "parent_id": headers.get("parent_id"),
+        "root_id": headers.get("root_id"),
+        "group_id": headers.get("group"),
+    }
+
+
+def from_request(request: Any) -> tuple[int, dict[str, Any]]:
+    """``(retries, fields)`` of a worker's request context (None allowed)."""
+    if request is None:
+        return 0, {}
+    headers = getattr(request, "headers", None) or {}
+
+    def value(key: str) -> Any:
+        found = getattr(request, key, None)
+        return found if found is not None else headers.get(key)
+
+    delivery = getattr(request, "delivery_info", None) or {}
+    fields = {
+        "name": getattr(request, "task", None) or getattr(request, "name", None),
+        "args_repr": _text(value("argsrepr")),
+        "kwargs_repr": _text(value("kwargsrepr")),
+        "worker": getattr(request, "hostname", None),
+        "queue": delivery.get("routing_key") or None,
+        "priority": _int(value(HEADER_PRIORITY)),
+        "tags": value(HEADER_TAGS),
+        "parent_id": getattr(request, "parent_id", None),
+        "root_id": getattr(request, "root_id", None),
+        "group_id": getattr(request, "group", None),
+    }
+    return int(getattr(request, "retries", 0) or 0), fields
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None

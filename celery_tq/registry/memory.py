@@ -1,0 +1,96 @@
+"""``memory://``: records in this process only (tests and the in-process worker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import ClassVar
+
+from celery_tq.registry.record import Query, Row, merge
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """A dict of rows behind one lock; the same rule as every other store."""
+
+    _named: ClassVar[dict[str, MemoryStore]] = {}
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._rows: dict[str, Row] = {}
+        self._kv: dict[str, tuple[bytes, float | None]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def named(cls, url: str) -> MemoryStore:
+        """One store per URL in this process, shared by the backend and the registry."""
+        store = cls._named.get(url)
+        if store is None:
+            store = cls._named[url] = cls(url)
+        return store
+
+    def write(self, changes: Sequence[Row]) -> None:
+        with self._lock:
+            for new in changes:
+                self._rows[new["id"]] = merge(self._rows.get(new["id"]), new)
+
+    def read(self, task_ids: Sequence[str]) -> list[Row | None]:
+        with self._lock:
+            return [dict(self._rows[i]) if i in self._rows else None for i in task_ids]
+
+    def query(self, query: Query) -> list[Row]:
+        rows = self._matching(query)
+        rows.sort(key=lambda r: r.get("submitted_at") or 0.0, reverse=True)
+        return rows[: query.limit]
+
+    def counts(self, query: Query) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self._matching(query):
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        return counts
+
+    def _matching(self, query: Query) -> list[Row]:
+        with self._lock:
+            return [dict(r) for r in self._rows.values() if query.matches(r)]
+
+    def delete(self, task_id: str) -> None:
+        with self._lock:
+            self._rows.pop(task_id, None)
+
+    def purge(self, before: float) -> int:
+        now = time.time()
+        with self._lock:
+            old = [i for i, r in self._rows.items() if (r.get("submitted_at") or 0.0) < before]
+            for task_id in old:
+                del self._rows[task_id]
+            for key in [k for k, (_, exp) in self._kv.items() if exp is not None and exp < now]:
+                del self._kv[key]
+        return len(old)
+
+    def kv_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        now = time.time()
+        with self._lock:
+            found = [self._kv.get(k) for k in keys]
+        return [v[0] if v and (v[1] is None or v[1] >= now) else None for v in found]
+
+    def kv_set(self, key: str, value: bytes, ttl: float | None) -> None:
+        with self._lock:
+            self._kv[key] = (value, time.time() + ttl if ttl else None)
+
+    def kv_delete(self, key: str) -> None:
+        with self._lock:
+            self._kv.pop(key, None)
+
+    def kv_incr(self, key: str, ttl: float | None) -> int:
+        with self._lock:
+            value, expires = self._kv.get(key, (b"0", None))
+            number = int(value) + 1
+            self._kv[key] = (str(number).encode(), time.time() + ttl if ttl else expires)
+        return number
+
+    def kv_expire(self, key: str, ttl: float | None) -> None:
+        with self._lock:
+            if key in self._kv:
+                self._kv[key] = (self._kv[key][0], time.time() + ttl if ttl else None)

@@ -1,0 +1,234 @@
+"""``TaskRecord`` and the forward-only rule every store applies to a write.
+
+A store keeps *rows*: flat dicts of column values (str, int, float or None; times are epoch
+seconds; ``tags``, ``result``, ``error`` and ``meta`` are JSON text). A write is a partial row
+for one task; :func:`merge` folds it into what is stored so that states only move forward,
+whatever order the writes arrive in. The Redis store runs the same rule in Lua.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery_tq.errors import StorageError
+
+__all__ = [
+    "DESCRIPTIVE",
+    "OUTCOME",
+    "QUEUED",
+    "STATES",
+    "Query",
+    "Row",
+    "TaskRecord",
+    "change",
+    "merge",
+    "progress_of",
+    "to_record",
+]
+
+Row = dict[str, Any]
+
+QUEUED = "QUEUED"
+TERMINAL = ("SUCCESS", "FAILURE", "REVOKED", "REJECTED", "IGNORED")
+STATES = ("QUEUED", "STARTED", "RETRY", *TERMINAL)
+# Within one attempt: queued, (retry scheduled for it), started, finished.
+_RANK = {"QUEUED": 0, "RETRY": 1, "STARTED": 2, **{s: 3 for s in TERMINAL}}
+
+# Newest write wins outright (even with None): what happened to the latest attempt.
+OUTCOME = ("state", "progress", "result", "error", "finished_at", "runtime", "retries", "meta")
+# Newest non-None value wins; an older write only fills gaps.
+DESCRIPTIVE = (
+    "name",
+    "priority",
+    "tags",
+    "queue",
+    "args_repr",
+    "kwargs_repr",
+    "parent_id",
+    "root_id",
+    "group_id",
+)
+# Facts of one attempt: a later attempt replaces them; an older write fills them only for its own.
+ATTEMPT = ("worker", "started_at")
+COLUMNS = ("id", *OUTCOME, *DESCRIPTIVE, *ATTEMPT, "submitted_at")
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """What the registry knows about one task (DESIGN §1)."""
+
+    id: str
+    name: str | None
+    state: str
+    priority: int | None
+    tags: frozenset[str]
+    queue: str | None
+    worker: str | None
+    args_repr: str | None
+    kwargs_repr: str | None
+    submitted_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    runtime: float | None
+    retries: int
+    result: Any
+    error: dict[str, Any] | None
+    parent_id: str | None
+    root_id: str | None
+    group_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601, tags sorted."""
+        data = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        data["tags"] = sorted(self.tags)
+        for key in ("submitted_at", "started_at", "finished_at"):
+            data[key] = data[key].isoformat() if data[key] else None
+        return data
+
+
+@dataclass(frozen=True)
+class Query:
+    """The filters of ``Registry.query``/``counts``; times are epoch seconds."""
+
+    state: str | None = None
+    tags: frozenset[str] = frozenset()
+    name: str | None = None
+    queue: str | None = None
+    priority: int | None = None
+    since: float | None = None
+    until: float | None = None
+    root_id: str | None = None
+    limit: int = 100
+
+    def matches(self, row: Row) -> bool:
+        """The same filters in Python (memory store, and re-checks)."""
+        for key in ("state", "name", "queue", "priority", "root_id"):
+            wanted = getattr(self, key)
+            if wanted is not None and row.get(key) != wanted:
+                return False
+        submitted = row.get("submitted_at") or 0.0
+        if self.since is not None and submitted < self.since:
+            return False
+        if self.until is not None and submitted > self.until:
+            return False
+        return not self.tags or self.tags <= set(json.loads(row.get("tags") or "[]"))
+
+
+def progress_of(state: str, retries: int) -> int:
+    """How far along a task is: later attempts first, then the state's rank in its attempt."""
+    return retries * 10 + _RANK.get(state, 3)
+
+
+def change(task_id: str, state: str, retries: int = 0, **fields: Any) -> Row:
+    """A write for one task: ``state`` at attempt ``retries`` plus whatever else is known."""
+    tags = fields.pop("tags", None)
+    row: Row = {k: v for k, v in fields.items() if v is not None}
+    for key in ("submitted_at", "started_at", "finished_at"):
+        if key in row:  # microseconds, as a datetime holds them
+            row[key] = round(float(row[key]), 6)
+    row.update(id=task_id, state=state, retries=retries, progress=progress_of(state, retries))
+    if tags:
+        row["tags"] = json.dumps(sorted(tags))
+    return row
+
+
+def merge(old: Row | None, new: Row) -> Row:
+    """Fold ``new`` into ``old``: the more advanced write decides the outcome."""
+    if not old:
+        row = dict(new)
+    else:
+        newer = int(new["progress"]) > _progress(old)
+        row = {"id": old.get("id") or new["id"]}
+        for key in OUTCOME:
+            row[key] = new.get(key) if newer else old.get(key)
+        for key in DESCRIPTIVE:
+            first, second = (new, old) if newer else (old, new)
+            row[key] = first.get(key) if first.get(key) is not None else second.get(key)
+        later = int(new.get("retries") or 0) - int(old.get("retries") or 0)
+        for key in ATTEMPT:
+            if newer:
+                keep_old = new.get(key) is None and later <= 0
+                row[key] = old.get(key) if keep_old else new.get(key)
+            else:
+                row[key] = old.get(key) if old.get(key) is not None or later else new.get(key)
+        times = [t for t in (old.get("submitted_at"), new.get("submitted_at")) if t is not None]
+        row["submitted_at"] = min(times) if times else None
+    if row.get("runtime") is None and row.get("finished_at") and row.get("started_at"):
+        runtime = float(row["finished_at"]) - float(row["started_at"])
+        row["runtime"] = runtime if runtime >= 0 else None
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _progress(row: Row) -> int:
+    try:
+        return int(row["progress"])
+    except (KeyError, TypeError, ValueError):
+        return -1
+
+
+def to_record(row: Row) -> TaskRecord:
+    """Build the record of a stored row; ``StorageError`` naming the id when it is corrupt."""
+    task_id = str(row.get("id") or "?")
+    try:
+        state = str(row["state"])
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        tags = json.loads(row.get("tags") or "[]")
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError(f"tags are not a list of strings: {tags!r}")
+        error = _json(row.get("error"))
+        if error is not None and not isinstance(error, dict):
+            raise ValueError("error is not a structured error record")
+        return TaskRecord(
+            id=task_id,
+            name=_opt_str(row.get("name")),
+            state=state,
+            priority=_opt(int, row.get("priority")),
+            tags=frozenset(tags),
+            queue=_opt_str(row.get("queue")),
+            worker=_opt_str(row.get("worker")),
+            args_repr=_opt_str(row.get("args_repr")),
+            kwargs_repr=_opt_str(row.get("kwargs_repr")),
+            submitted_at=_time(row.get("submitted_at")),
+            started_at=_time(row.get("started_at")),
+            finished_at=_time(row.get("finished_at")),
+            runtime=_opt(float, row.get("runtime")),
+            retries=int(row.get("retries") or 0),
+            result=_json(row.get("result")),
+            error=error,
+            parent_id=_opt_str(row.get("parent_id")),
+            root_id=_opt_str(row.get("root_id")),
+            group_id=_opt_str(row.get("group_id")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StorageError(f"corrupt or foreign task record: {exc}", task_id) from exc
+
+
+def _json(text: Any) -> Any:
+    if text is None:
+        return None
+    from kombu.utils.json import loads  # datetimes, UUIDs, decimals as Celery sends them
+
+    return loads(text)
+
+
+def _opt(kind: type[Any], value: Any) -> Any:
+    return None if value is None or value == "" else kind(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _time(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(float(value), UTC)
+
+
+def tags_of(value: Iterable[str] | str | None) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    return frozenset((value,) if isinstance(value, str) else value)

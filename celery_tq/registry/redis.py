@@ -1,0 +1,249 @@
+"""``redis://host:port/db``: a hash per task plus sorted-set indexes scored by submitted_at.
+
+Keys (prefix ``tq:``): ``t:<id>`` (the row), ``i:all``, ``i:state:<S>``, ``i:name:<N>``,
+``i:queue:<Q>``, ``i:priority:<P>``, ``i:root_id:<R>``, ``i:tag:<T>`` (indexes), ``kv:<key>``.
+The forward-only merge and the index moves run in one Lua script per write, so concurrent
+writers never interleave; a batch of writes is one pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from celery_tq.registry.record import STATES, Query, Row
+
+__all__ = ["RedisStore"]
+
+_INDEXES = """
+local function indexes(prefix, r)
+  local keys = {[prefix .. 'i:all'] = true}
+  for _, f in ipairs({'state', 'name', 'queue', 'priority', 'root_id'}) do
+    if r[f] then keys[prefix .. 'i:' .. f .. ':' .. r[f]] = true end
+  end
+  if r['tags'] then
+    local ok, tags = pcall(cjson.decode, r['tags'])
+    if ok and type(tags) == 'table' then
+      for _, t in ipairs(tags) do keys[prefix .. 'i:tag:' .. tostring(t)] = true end
+    end
+  end
+  return keys
+end
+local function load(key)
+  local flat = redis.call('HGETALL', key)
+  local row = {}
+  for i = 1, #flat, 2 do row[flat[i]] = flat[i + 1] end
+  return row, #flat == 0
+end
+"""
+
+_MERGE = (
+    _INDEXES
+    + """
+local key, prefix, id = KEYS[1], ARGV[1], ARGV[2]
+local new = {}
+for i = 3, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+local old, fresh = load(key)
+local row = {}
+if fresh then
+  for f, v in pairs(new) do row[f] = v end
+else
+  local newer = tonumber(new['progress']) > (tonumber(old['progress']) or -1)
+  for _, f in ipairs({'state', 'progress', 'result', 'error', 'finished_at', 'runtime', 'retries', 'meta'}) do
+    if newer then row[f] = new[f] else row[f] = old[f] end
+  end
+  for _, f in ipairs({'name', 'priority', 'tags', 'queue', 'args_repr', 'kwargs_repr',
+                      'parent_id', 'root_id', 'group_id'}) do
+    local a, b = old[f], new[f]
+    if newer then a, b = b, a end
+    if a ~= nil then row[f] = a else row[f] = b end
+  end
+  local later = (tonumber(new['retries']) or 0) - (tonumber(old['retries']) or 0)
+  for _, f in ipairs({'worker', 'started_at'}) do
+    if newer then
+      if new[f] == nil and later <= 0 then row[f] = old[f] else row[f] = new[f] end
+    else
+      if old[f] ~= nil or later ~= 0 then row[f] = old[f] else row[f] = new[f] end
+    end
+  end
+  local s1, s2 = tonumber(old['submitted_at']), tonumber(new['submitted_at'])
+  if s1 and s2 then
+    if s1 <= s2 then row['submitted_at'] = old['submitted_at']
+    else row['submitted_at'] = new['submitted_at'] end
+  else
+    row['submitted_at'] = old['submitted_at'] or new['submitted_at']
+  end
+end
+row['id'] = id
+if row['runtime'] == nil and row['finished_at'] and row['started_at'] then
+  local r = tonumber(row['finished_at']) - tonumber(row['started_at'])
+  if r >= 0 then row['runtime'] = string.format('%.6f', r) end
+end
+local before = {}
+if not fresh then before = indexes(prefix, old) end
+local after = indexes(prefix, row)
+local score = row['submitted_at'] or '0'
+local moved = fresh or old['submitted_at'] ~= row['submitted_at']
+for k in pairs(before) do if not after[k] then redis.call('ZREM', k, id) end end
+for k in pairs(after) do if moved or not before[k] then redis.call('ZADD', k, score, id) end end
+local gone = {}
+for f in pairs(old) do if row[f] == nil then table.insert(gone, f) end end
+if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+local flat = {}
+for f, v in pairs(row) do table.insert(flat, f); table.insert(flat, v) end
+redis.call('HSET', key, unpack(flat))
+return 1
+"""
+)
+
+_DELETE = (
+    _INDEXES
+    + """
+local old, fresh = load(KEYS[1])
+for k in pairs(indexes(ARGV[1], old)) do redis.call('ZREM', k, ARGV[2]) end
+redis.call('ZREM', ARGV[1] .. 'i:all', ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+)
+
+_INTS = ("priority", "progress", "retries")
+_FLOATS = ("submitted_at", "started_at", "finished_at", "runtime")
+
+
+class RedisStore:
+    """Records in Redis (the same database as the tq result backend's)."""
+
+    prefix = "tq:"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client: Any = redis.Redis.from_url(
+            url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=10
+        )
+        self._merge = self.client.register_script(_MERGE)
+        self._delete = self.client.register_script(_DELETE)
+
+    def _key(self, task_id: str) -> str:
+        return f"{self.prefix}t:{task_id}"
+
+    def write(self, changes: Sequence[Row]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for change in changes:
+            args: list[Any] = [self.prefix, change["id"]]
+            for field, value in change.items():
+                if field != "id" and value is not None:
+                    args += [field, value if isinstance(value, str) else repr(value)]
+            self._merge(keys=[self._key(change["id"])], args=args, client=pipe)
+        pipe.execute()
+
+    def read(self, task_ids: Sequence[str]) -> list[Row | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self._key(task_id))
+        return [_decode(raw) if raw else None for raw in pipe.execute()]
+
+    def _index_keys(self, query: Query, state: str | None) -> list[str]:
+        keys = [f"{self.prefix}i:tag:{t}" for t in sorted(query.tags)]
+        for field in ("name", "queue", "priority", "root_id"):
+            if getattr(query, field) is not None:
+                keys.append(f"{self.prefix}i:{field}:{getattr(query, field)}")
+        if state is not None:
+            keys.append(f"{self.prefix}i:state:{state}")
+        return keys or [f"{self.prefix}i:all"]
+
+    def query(self, query: Query) -> list[Row]:
+        keys = self._index_keys(query, query.state)
+        low, high = _bounds(query)
+        pipe = self.client.pipeline(transaction=True)
+        source = keys[0]
+        if len(keys) > 1:
+            source = f"{self.prefix}tmp:{uuid.uuid4().hex}"
+            pipe.zinterstore(source, keys, aggregate="MIN")
+        pipe.zrevrangebyscore(source, high, low, start=0, num=query.limit)
+        if len(keys) > 1:
+            pipe.delete(source)
+        ids = pipe.execute()[1 if len(keys) > 1 else 0]
+        rows = self.read([i.decode() for i in ids])
+        return [r for r in rows if r is not None]
+
+    def counts(self, query: Query) -> dict[str, int]:
+        low, high = _bounds(query)
+        states = [query.state] if query.state else list(STATES)
+        pipe = self.client.pipeline(transaction=True)
+        temporary, positions, position = [], [], 0
+        for state in states:
+            keys = self._index_keys(query, state)
+            source = keys[0]
+            if len(keys) > 1:
+                source = f"{self.prefix}tmp:{uuid.uuid4().hex}"
+                temporary.append(source)
+                pipe.zinterstore(source, keys, aggregate="MIN")
+                position += 1
+            pipe.zcount(source, low, high)
+            positions.append(position)
+            position += 1
+        if temporary:
+            pipe.delete(*temporary)
+        results = pipe.execute()
+        return {s: int(results[p]) for s, p in zip(states, positions, strict=True) if results[p]}
+
+    def delete(self, task_id: str) -> None:
+        self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id])
+
+    def purge(self, before: float) -> int:
+        purged = 0
+        while True:
+            ids = self.client.zrangebyscore(f"{self.prefix}i:all", "-inf", f"({before}", start=0, num=500)
+            if not ids:
+                return purged
+            pipe = self.client.pipeline(transaction=False)
+            for raw in ids:
+                task_id = raw.decode()
+                self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id], client=pipe)
+            pipe.execute()
+            purged += len(ids)
+
+    def _kv(self, key: str) -> str:
+        return f"{self.prefix}kv:{key}"
+
+    def kv_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        return list(self.client.mget([self._kv(k) for k in keys]))
+
+    def kv_set(self, key: str, value: bytes, ttl: float | None) -> None:
+        self.client.set(self._kv(key), value, px=int(ttl * 1000) if ttl else None)
+
+    def kv_delete(self, key: str) -> None:
+        self.client.delete(self._kv(key))
+
+    def kv_incr(self, key: str, ttl: float | None) -> int:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incr(self._kv(key))
+        if ttl:
+            pipe.pexpire(self._kv(key), int(ttl * 1000))
+        return int(pipe.execute()[0])
+
+    def kv_expire(self, key: str, ttl: float | None) -> None:
+        if ttl:
+            self.client.pexpire(self._kv(key), int(ttl * 1000))
+        else:
+            self.client.persist(self._kv(key))
+
+
+def _bounds(query: Query) -> tuple[str, str]:
+    low = "-inf" if query.since is None else repr(query.since)
+    high = "+inf" if query.until is None else repr(query.until)
+    return low, high
+
+
+def _decode(raw: dict[bytes, bytes]) -> Row:
+    row: Row = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+    for field, kind in [*((f, int) for f in _INTS), *((f, float) for f in _FLOATS)]:
+        if field in row:
+            with contextlib.suppress(ValueError):  # else left as text: to_record names it corrupt
+                row[field] = kind(row[field])
+    return row

@@ -1,0 +1,339 @@
+"""``sqlite:///path`` and ``postgresql://...``: one SQLAlchemy Core store for both.
+
+Tables: ``tq_tasks`` (one row per task; indexes on state, name, queue, root id, submitted_at),
+``tq_task_tags`` (one row per task and tag, carrying the task's state and submitted_at so a
+query by tag + state is one index range, newest first), ``tq_kv`` (group/chord bookkeeping) and
+``tq_schema`` (the schema version). A write reads the rows it changes under a lock (``SELECT ...
+FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), merges forward-only, and writes
+task and tag rows in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.sql import ColumnElement, FromClause
+
+from celery_tq.errors import StorageError
+from celery_tq.registry.record import COLUMNS, Query, Row, merge
+
+__all__ = ["SCHEMA_VERSION", "SqlStore"]
+
+SCHEMA_VERSION = 1
+ID = String(155)
+metadata = MetaData()
+tasks = Table(
+    "tq_tasks",
+    metadata,
+    Column("id", ID, primary_key=True),
+    Column("name", String(255)),
+    Column("state", String(16), nullable=False),
+    Column("progress", Integer, nullable=False),
+    Column("priority", SmallInteger),
+    Column("tags", Text),
+    Column("queue", String(255)),
+    Column("worker", String(255)),
+    Column("args_repr", Text),
+    Column("kwargs_repr", Text),
+    Column("submitted_at", Double),
+    Column("started_at", Double),
+    Column("finished_at", Double),
+    Column("runtime", Double),
+    Column("retries", Integer),
+    Column("result", Text),
+    Column("error", Text),
+    Column("meta", Text),
+    Column("parent_id", ID),
+    Column("root_id", ID),
+    Column("group_id", ID),
+    Index("tq_tasks_state", "state", "submitted_at"),
+    Index("tq_tasks_name", "name", "submitted_at"),
+    Index("tq_tasks_queue", "queue", "submitted_at"),
+    Index("tq_tasks_submitted", "submitted_at"),
+    Index("tq_tasks_root", "root_id"),
+)
+task_tags = Table(
+    "tq_task_tags",
+    metadata,
+    Column("task_id", ID, primary_key=True),
+    Column("tag", String(64), primary_key=True),
+    Column("state", String(16)),
+    Column("submitted_at", Double),
+    Index("tq_task_tags_state", "tag", "state", "submitted_at"),
+    Index("tq_task_tags_recent", "tag", "submitted_at"),
+)
+kv = Table(
+    "tq_kv",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("value", LargeBinary),
+    Column("expires_at", Double),
+)
+schema = Table("tq_schema", metadata, Column("version", Integer, primary_key=True))
+
+
+class SqlStore:
+    """Records in SQLite or PostgreSQL (psycopg 3); schema created on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        if parsed.drivername in {"postgresql", "postgres"}:
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(parsed, connect_args={"timeout": 60})
+            _sqlite_locking(self.engine)
+        else:
+            self.engine = create_engine(parsed, pool_pre_ping=True)
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def _ensure_schema(self) -> None:
+        if self._ready:
+            return
+        with self._lock:
+            for attempt in range(10):
+                try:
+                    metadata.create_all(self.engine)
+                    with self._writing() as conn:
+                        found = conn.execute(select(schema.c.version)).scalar()
+                        if found is None:
+                            conn.execute(insert(schema).values(version=SCHEMA_VERSION))
+                        elif found != SCHEMA_VERSION:
+                            raise StorageError(
+                                f"registry schema version {found} in {self.url}; "
+                                f"this celery-tq uses {SCHEMA_VERSION}"
+                            )
+                    self._ready = True
+                    return
+                except DBAPIError:  # another process creating the same tables
+                    if attempt == 9:
+                        raise
+                    time.sleep(0.1 * (attempt + 1))
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn.execution_options(tq_write=True)
+            with conn.begin():
+                yield conn
+
+    def write(self, changes: Sequence[Row]) -> None:
+        self._ensure_schema()
+        folded: dict[str, Row] = {}
+        for change in changes:
+            folded[change["id"]] = merge(folded.get(change["id"]), change)
+        for attempt in range(5):
+            try:
+                with self._writing() as conn:
+                    self._write(conn, folded)
+                return
+            except IntegrityError:  # a concurrent first write of the same id: merge again
+                if attempt == 4:
+                    raise
+
+    def _write(self, conn: Connection, changes: dict[str, Row]) -> None:
+        stmt = select(tasks).where(tasks.c.id.in_(list(changes)))
+        if not self.is_sqlite:
+            stmt = stmt.with_for_update()
+        existing = {r.id: dict(r._mapping) for r in conn.execute(stmt)}
+        inserts, updates, tag_rows, tag_updates, retagged = [], [], [], [], []
+        for task_id, new in changes.items():
+            old = existing.get(task_id)
+            row = merge(old, new)
+            full = {c: row.get(c) for c in COLUMNS}
+            if old is None:
+                inserts.append(full)
+            else:
+                updates.append({f"v_{k}": v for k, v in full.items()})
+            if full["tags"] and (old is None or old.get("tags") != full["tags"]):
+                if old is not None:
+                    retagged.append(task_id)
+                for tag in json.loads(full["tags"]):
+                    tag_rows.append({**_tag_values(full), "task_id": task_id, "tag": tag})
+            elif full["tags"]:
+                tag_updates.append({"t_id": task_id, **_tag_values(full)})
+        if inserts:
+            conn.execute(insert(tasks), inserts)
+        if updates:
+            values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in COLUMNS if c != "id"}
+            conn.execute(update(tasks).where(tasks.c.id == bindparam("v_id")).values(values), updates)
+        if retagged:
+            conn.execute(delete(task_tags).where(task_tags.c.task_id.in_(retagged)))
+        if tag_rows:
+            conn.execute(insert(task_tags), tag_rows)
+        if tag_updates:
+            conn.execute(
+                update(task_tags)
+                .where(task_tags.c.task_id == bindparam("t_id"))
+                .values(state=bindparam("state"), submitted_at=bindparam("submitted_at")),
+                tag_updates,
+            )
+
+    def read(self, task_ids: Sequence[str]) -> list[Row | None]:
+        self._ensure_schema()
+        with self.engine.connect() as conn:
+            found = {r.id: _row(r) for r in conn.execute(select(tasks).where(tasks.c.id.in_(task_ids)))}
+        return [found.get(i) for i in task_ids]
+
+    def query(self, query: Query) -> list[Row]:
+        self._ensure_schema()
+        source, conditions, order, _ = _filters(query)
+        stmt = select(tasks).select_from(source).where(*conditions).order_by(order.desc()).limit(query.limit)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(stmt)]
+
+    def counts(self, query: Query) -> dict[str, int]:
+        self._ensure_schema()
+        source, conditions, _, state = _filters(query)
+        stmt = select(state, func.count()).select_from(source).where(*conditions).group_by(state)
+        with self.engine.connect() as conn:
+            return {str(s): int(n) for s, n in conn.execute(stmt)}
+
+    def delete(self, task_id: str) -> None:
+        self._ensure_schema()
+        with self._writing() as conn:
+            conn.execute(delete(task_tags).where(task_tags.c.task_id == task_id))
+            conn.execute(delete(tasks).where(tasks.c.id == task_id))
+
+    def purge(self, before: float) -> int:
+        self._ensure_schema()
+        with self._writing() as conn:
+            conn.execute(delete(task_tags).where(task_tags.c.submitted_at < before))
+            purged = conn.execute(delete(tasks).where(tasks.c.submitted_at < before)).rowcount
+            conn.execute(delete(kv).where(kv.c.expires_at < time.time()))
+        return int(purged or 0)
+
+    def kv_get(self, keys: Sequence[str]) -> list[bytes | None]:
+        self._ensure_schema()
+        live = (kv.c.expires_at.is_(None)) | (kv.c.expires_at >= time.time())
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(select(kv.c.key, kv.c.value).where(kv.c.key.in_(keys), live)).all())
+        return [found.get(k) for k in keys]
+
+    def kv_set(self, key: str, value: bytes, ttl: float | None) -> None:
+        self._kv_update(key, lambda old: value, ttl)
+
+    def kv_delete(self, key: str) -> None:
+        self._ensure_schema()
+        with self._writing() as conn:
+            conn.execute(delete(kv).where(kv.c.key == key))
+
+    def kv_incr(self, key: str, ttl: float | None) -> int:
+        return int(self._kv_update(key, lambda old: str(int(old or b"0") + 1).encode(), ttl, keep_ttl=True))
+
+    def kv_expire(self, key: str, ttl: float | None) -> None:
+        self._ensure_schema()
+        with self._writing() as conn:
+            conn.execute(update(kv).where(kv.c.key == key).values(expires_at=_expiry(ttl)))
+
+    def _kv_update(self, key: str, compute: Any, ttl: float | None, keep_ttl: bool = False) -> bytes:
+        self._ensure_schema()
+        for attempt in range(5):
+            try:
+                with self._writing() as conn:
+                    stmt = select(kv.c.value, kv.c.expires_at).where(kv.c.key == key)
+                    if not self.is_sqlite:
+                        stmt = stmt.with_for_update()
+                    old = conn.execute(stmt).first()
+                    value: bytes = compute(old.value if old else None)
+                    expires = old.expires_at if (old and keep_ttl) else _expiry(ttl)
+                    if old is None:
+                        conn.execute(insert(kv).values(key=key, value=value, expires_at=expires))
+                    else:
+                        conn.execute(
+                            update(kv).where(kv.c.key == key).values(value=value, expires_at=expires)
+                        )
+                return value
+            except IntegrityError:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _filters(query: Query) -> tuple[FromClause, list[ColumnElement[bool]], Any, Any]:
+    """The FROM clause, WHERE conditions, ordering column and state column of a query."""
+    source: FromClause = tasks
+    order: Any = tasks.c.submitted_at
+    state: Any = tasks.c.state
+    conditions: list[ColumnElement[bool]] = []
+    if query.tags:
+        first, *rest = sorted(query.tags)
+        tagged = task_tags.alias("tagged")
+        source = tasks.join(tagged, and_(tagged.c.task_id == tasks.c.id, tagged.c.tag == first))
+        order, state = tagged.c.submitted_at, tagged.c.state
+        for tag in rest:
+            conditions.append(exists().where(task_tags.c.task_id == tasks.c.id, task_tags.c.tag == tag))
+    if query.state is not None:
+        conditions.append(state == query.state)
+    for key in ("name", "queue", "priority", "root_id"):
+        if getattr(query, key) is not None:
+            conditions.append(tasks.c[key] == getattr(query, key))
+    if query.since is not None:
+        conditions.append(order >= query.since)
+    if query.until is not None:
+        conditions.append(order <= query.until)
+    return source, conditions, order, state
+
+
+def _tag_values(row: Row) -> Row:
+    return {"state": row["state"], "submitted_at": row["submitted_at"]}
+
+
+def _row(result_row: Any) -> Row:
+    return {k: v for k, v in result_row._mapping.items() if v is not None}
+
+
+def _expiry(ttl: float | None) -> float | None:
+    return time.time() + ttl if ttl else None
+
+
+def _sqlite_locking(engine: Engine) -> None:
+    """WAL so readers never wait; ``BEGIN IMMEDIATE`` so a read-merge-write is one locked step."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("tq_write")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

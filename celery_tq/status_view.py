@@ -1,0 +1,43 @@
+"""The terminal view of ``celery tq status``: one snapshot as rich tables."""
+
+from __future__ import annotations
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+
+from celery_tq.monitor import Snapshot
+
+__all__ = ["render"]
+
+
+def render(snap: Snapshot) -> RenderableType:
+    queues = Table("queue", "priority", "waiting", "oldest waiting", "wait p50 / p95 (ms)", title="Queues")
+    for depth in snap.queues:
+        if depth.messages == 0 and depth.priority not in snap.oldest_waiting:
+            continue
+        oldest = snap.oldest_waiting.get(depth.priority) if depth.priority is not None else None
+        wait = snap.queue_wait_ms.get(depth.priority) if depth.priority is not None else None
+        queues.add_row(
+            depth.queue,
+            "all" if depth.priority is None else str(depth.priority),
+            str(depth.messages),
+            f"{oldest['age_s']}s ({oldest['name']})" if oldest else "",
+            f"{wait['p50']} / {wait['p95']}" if wait else "",
+        )
+    running = Table("task", "id", "priority", "tags", "worker", "age (s)", title="Running")
+    for r in snap.running:
+        running.add_row(
+            r["name"] or "",
+            r["id"][:8],
+            str(r["priority"]),
+            ",".join(r["tags"]),
+            r["worker"] or "",
+            str(r["age_s"]),
+        )
+    totals = Table("state", "tasks", title=f"Tasks (throughput {snap.throughput_per_min:.0f}/min)")
+    for state, n in sorted(snap.counts.items()):
+        totals.add_row(state, str(n))
+    failures = Table("tag", "failures (last hour)", title="Failures by tag")
+    for tag, n in snap.failures_by_tag.items():
+        failures.add_row(tag, str(n))
+    return Group(f"[bold]celery-tq[/bold] on {snap.broker} at {snap.at}", queues, running, totals, failures)

@@ -1,0 +1,173 @@
+"""Every store keeps one consistent record per task: forward-only, queryable, purgeable."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_tq.errors import StorageError
+from celery_tq.registry import Registry, Store, store_for_url
+from celery_tq.registry.record import change
+from tests.registry_support import STORE_KINDS, pg_url, store_url
+
+__all__ = ["pg_url"]  # the fixture, used through store_url
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    return store_for_url(store_url(request.param, request, tmp_path))
+
+
+def lifecycle(task_id: str, t0: float, tags: Any = ("billing",)) -> list[dict[str, Any]]:
+    fields = {"name": "shop.charge", "priority": 7, "tags": tags, "queue": "tq.default"}
+    return [
+        change(task_id, "QUEUED", 0, submitted_at=t0, args_repr="(5,)", root_id=task_id, **fields),
+        change(task_id, "STARTED", 0, submitted_at=t0 + 1, started_at=t0 + 1, worker="w1", **fields),
+        change(task_id, "RETRY", 1, submitted_at=t0 + 2, error=json.dumps({"type": "ResourceUnavailable"})),
+        change(task_id, "STARTED", 1, submitted_at=t0 + 3, started_at=t0 + 3, worker="w2", **fields),
+        change(task_id, "SUCCESS", 1, submitted_at=t0 + 4, finished_at=t0 + 4.5, result="42", **fields),
+    ]
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "shuffled", "duplicated"])
+def test_states_only_move_forward_whatever_order_writes_arrive_in(store: Store, order: str) -> None:
+    writes = lifecycle("t1", 1000.0)
+    if order == "reversed":
+        writes.reverse()
+    elif order == "shuffled":
+        random.Random(4).shuffle(writes)
+    elif order == "duplicated":
+        writes = writes + writes[:2]  # a late, duplicated QUEUED and STARTED
+    for write in writes:
+        store.write([write])
+    record = Registry(store).get("t1")
+    assert record is not None
+    assert (record.state, record.retries, record.result, record.error) == ("SUCCESS", 1, 42, None)
+    assert (record.worker, record.started_at and record.started_at.timestamp()) == ("w2", 1003.0)
+    assert record.submitted_at and record.submitted_at.timestamp() == 1000.0  # the publish time
+    assert record.runtime == pytest.approx(1.5)
+    assert (record.name, record.priority, record.tags, record.args_repr) == (
+        "shop.charge",
+        7,
+        frozenset({"billing"}),
+        "(5,)",
+    )
+
+
+def test_next_attempt_is_newer_than_the_retry_before_it(store: Store) -> None:
+    writes = lifecycle("t1", 1000.0)
+    store.write(writes[:3])
+    assert Registry(store).get("t1").state == "RETRY"  # type: ignore[union-attr]
+    store.write([writes[3], writes[2]])  # the RETRY again, late
+    record = Registry(store).get("t1")
+    assert record is not None and (record.state, record.retries, record.error) == ("STARTED", 1, None)
+
+
+def test_get_is_none_for_an_id_never_sent(store: Store) -> None:
+    assert Registry(store).get("never-sent") is None
+
+
+def test_queries_by_each_filter_newest_first(store: Store) -> None:
+    t0 = time.time() - 100
+    rows = [
+        change("a", "SUCCESS", 0, submitted_at=t0, name="shop.charge", tags=["billing"], priority=7),
+        change("b", "FAILURE", 0, submitted_at=t0 + 10, name="shop.charge", tags=["billing", "vip"]),
+        change("c", "FAILURE", 0, submitted_at=t0 + 20, name="shop.ship", tags=["shipping"], queue="tq.low"),
+        change("d", "QUEUED", 0, submitted_at=t0 + 30, name="shop.ship", root_id="a", priority=2),
+    ]
+    store.write(rows)
+    registry = Registry(store)
+
+    def ids(**filters: Any) -> list[str]:
+        return [r.id for r in registry.query(**filters)]
+
+    assert ids() == ["d", "c", "b", "a"]
+    assert ids(state="FAILURE") == ["c", "b"]
+    assert ids(tags={"billing"}) == ["b", "a"]
+    assert ids(tags={"billing", "vip"}) == ["b"]
+    assert ids(tags="billing", state="FAILURE") == ["b"]
+    assert ids(name="shop.ship") == ["d", "c"]
+    assert ids(queue="tq.low") == ["c"]
+    assert ids(priority=7) == ["a"]
+    assert ids(root_id="a") == ["d"]
+    assert ids(since=t0 + 5, until=t0 + 25) == ["c", "b"]
+    assert ids(limit=2) == ["d", "c"]
+    assert registry.counts() == {"SUCCESS": 1, "FAILURE": 2, "QUEUED": 1}
+    assert registry.counts(tags={"billing"}) == {"SUCCESS": 1, "FAILURE": 1}
+    assert registry.counts(state="FAILURE", name="shop.ship") == {"FAILURE": 1}
+
+
+def test_concurrent_writers_leave_one_consistent_record_per_task(store: Store) -> None:
+    task_ids = [f"task-{i}" for i in range(40)]
+    writes = [w for i, t in enumerate(task_ids) for w in lifecycle(t, 1000.0 + i)]
+    random.Random(7).shuffle(writes)
+    chunks = [writes[i::4] for i in range(4)]
+    errors: list[BaseException] = []
+
+    def writer(chunk: list[dict[str, Any]]) -> None:
+        try:
+            for write in chunk:
+                store.write([write])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    registry = Registry(store)
+    records = registry.query(limit=1000)
+    assert sorted(r.id for r in records) == sorted(task_ids)
+    assert {(r.state, r.retries, r.worker, r.result) for r in records} == {("SUCCESS", 1, "w2", 42)}
+    assert registry.counts(tags={"billing"}) == {"SUCCESS": 40}
+
+
+def test_purge_deletes_only_records_older_than_the_cutoff(store: Store) -> None:
+    now = time.time()
+    store.write([change("old", "SUCCESS", 0, submitted_at=now - 3600, tags=["billing"])])
+    store.write([change("new", "SUCCESS", 0, submitted_at=now - 60, tags=["billing"])])
+    registry = Registry(store)
+    assert registry.purge(1800) == 1
+    assert registry.get("old") is None
+    assert [r.id for r in registry.query(tags={"billing"})] == ["new"]
+
+
+def test_corrupt_record_is_a_storage_error_naming_its_id(store: Store) -> None:
+    store.write([change("bad", "SUCCESS", 0, submitted_at=time.time(), tags=["billing"])])
+    store.write([change("good", "SUCCESS", 0, submitted_at=time.time(), tags=["billing"])])
+    corrupt(store, "bad")
+    registry = Registry(store)
+    with pytest.raises(StorageError) as caught:
+        registry.get("bad")
+    assert caught.value.record_id == "bad"
+    assert [r.id for r in registry.query()] == ["good"]  # the query survives, skipping it
+
+
+def corrupt(store: Any, task_id: str) -> None:
+    if hasattr(store, "client"):  # redis
+        store.client.hset(f"tq:t:{task_id}", "state", "NOT-A-STATE")
+    elif hasattr(store, "engine"):
+        from sqlalchemy import update
+
+        from celery_tq.registry.sql import tasks
+
+        with store.engine.begin() as conn:
+            conn.execute(update(tasks).where(tasks.c.id == task_id).values(tags="{not json"))
+    else:
+        store._rows[task_id]["result"] = "{not json"
+
+
+def test_key_value_space_counts_for_chords(store: Store) -> None:
+    assert [store.kv_incr("chord-x", None) for _ in range(3)] == [1, 2, 3]
+    store.kv_set("group-y", b"payload", 60)
+    assert store.kv_get(["group-y", "missing"]) == [b"payload", None]
+    store.kv_delete("group-y")
+    assert store.kv_get(["group-y"]) == [None]
