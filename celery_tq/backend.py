@@ -18,7 +18,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.json import dumps, loads
 from kombu.utils.url import maybe_sanitize_url
 
-from celery_tq.errors import ConfigurationError, InvalidInput, StorageError
+from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import store_for_url
 from celery_tq.registry.capture import from_request
 from celery_tq.registry.record import Row, change, to_record
@@ -51,22 +51,6 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
     def as_uri(self, include_password: bool = False) -> str:
         uri = f"tq+{self.url}"
         return uri if include_password else str(maybe_sanitize_url(uri))
-
-    def store_result(
-        self,
-        task_id: str,
-        result: Any,
-        state: str,
-        traceback: Any = None,
-        request: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        if isinstance(result, EncodeError) and state == states.FAILURE:
-            name = getattr(request, "task", None) or "task"
-            invalid = InvalidInput(f"the result of {name} cannot be serialized: {result}")
-            invalid.__cause__ = result
-            result = invalid
-        return super().store_result(task_id, result, state, traceback, request, **kwargs)
 
     def _store_result(
         self,

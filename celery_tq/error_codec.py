@@ -15,10 +15,12 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery.exceptions import TaskRevokedError
+from kombu.exceptions import EncodeError
 
 from celery_tq.errors import (
     Cancelled,
     ExecutionFailed,
+    InvalidInput,
     IoError,
     ResourceUnavailable,
     TaskError,
@@ -48,6 +50,8 @@ def convert(exc: BaseException, task_name: str, timeout: float | None) -> BaseEx
         converted = WorkerLost(task_name, str(exc))
     elif isinstance(exc, TaskRevokedError):
         converted = Cancelled(task_name)
+    elif isinstance(exc, EncodeError):  # e.g. a result that JSON cannot carry
+        converted = InvalidInput(f"the result of {task_name or 'the task'} cannot be serialized: {exc}")
     elif _is_connection_error(exc):
         converted = ResourceUnavailable(_describe(exc))
     elif isinstance(exc, OSError):

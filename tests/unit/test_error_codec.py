@@ -482,3 +482,13 @@ def test_installed_app_backend_carries_structured_errors() -> None:
     error = outcome(app, fail(app, thrown(ResourceUnavailable("redis"))))
     assert error.context == []
     assert isinstance(error.remote_traceback, str)
+
+
+def test_unserializable_result_becomes_invalid_input() -> None:
+    from kombu.exceptions import EncodeError
+
+    original = EncodeError("Object of type object is not JSON serializable")
+    converted = error_codec.convert(original, "shop.report", None)
+    assert isinstance(converted, celery_tq.errors.InvalidInput)
+    assert "shop.report" in converted.message and "cannot be serialized" in converted.message
+    assert converted.__cause__ is original
