@@ -171,8 +171,9 @@ def _error_line(error: dict[str, Any] | None) -> str:
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print snapshots as JSON (one per line).")
 @click.option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True)
+@click.option("--svg", type=click.Path(dir_okay=False), help="With --once: also save the view as SVG.")
 @click.pass_context
-def status(ctx: click.Context, once: bool, as_json: bool, interval: float) -> None:
+def status(ctx: click.Context, once: bool, as_json: bool, interval: float, svg: str | None) -> None:
     """Live view: queue depth per priority, running tasks, throughput, failures by tag, waits."""
     from celery_tq.monitor import snapshot
     from celery_tq.status_view import render
@@ -192,9 +193,11 @@ def status(ctx: click.Context, once: bool, as_json: bool, interval: float) -> No
                 return
             time.sleep(interval)
             snap = snapshot(app, registry)
-    console = Console()
+    console = Console(record=bool(svg))
     if once:
         console.print(render(snap))
+        if svg:
+            console.save_svg(svg, title="celery tq status")
         return
     with Live(render(snap), console=console, refresh_per_second=4) as live:
         while True:

@@ -34,10 +34,11 @@ def render(snap: Snapshot) -> RenderableType:
             r["worker"] or "",
             str(r["age_s"]),
         )
-    totals = Table("state", "tasks", title=f"Tasks (throughput {snap.throughput_per_min:.0f}/min)")
+    totals = Table("state", "tasks", title="Tasks")
     for state, n in sorted(snap.counts.items()):
         totals.add_row(state, str(n))
     failures = Table("tag", "failures (last hour)", title="Failures by tag")
     for tag, n in snap.failures_by_tag.items():
         failures.add_row(tag, str(n))
-    return Group(f"[bold]celery-tq[/bold] on {snap.broker} at {snap.at}", queues, running, totals, failures)
+    header = f"[bold]celery-tq[/bold] on {snap.broker} at {snap.at}: {snap.throughput_per_min:.0f} tasks/min"
+    return Group(header, queues, running, totals, failures)
