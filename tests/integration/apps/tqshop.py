@@ -115,6 +115,13 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         time.sleep(seconds)
         raise errors.InvalidInput("card declined")
 
+    @tq.task(name="tqshop.retry_once", shared=False, bind=True)
+    def retry_once(self: Any) -> int:
+        """Retries once, 1.5 s later, so the RETRY state stays visible that long."""
+        if self.request.retries < 1:
+            raise self.retry(countdown=1.5)
+        return int(self.request.retries)
+
     @tq.task(name="tqshop.unserializable", shared=False)
     def unserializable() -> object:
         return object()
