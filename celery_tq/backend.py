@@ -48,6 +48,22 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         self.retry_for = float(self._app.conf.get("tq_store_retry_timeout") or RETRY_FOR)
         self._task_prefix = bytes_to_str(self.task_keyprefix)
 
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_interval: Any = None,
+    ) -> Any:
+        # Celery polls result stores every 0.5 s by default; reading one record is cheap, so a
+        # plain ``get()`` polls every ``tq_result_poll_interval`` (default 20 ms) at most.
+        interval = min(interval, float(self._app.conf.get("tq_result_poll_interval") or 0.02))
+        base: Any = super()
+        return base.wait_for(
+            task_id, timeout=timeout, interval=interval, no_ack=no_ack, on_interval=on_interval
+        )
+
     def as_uri(self, include_password: bool = False) -> str:
         uri = f"tq+{self.url}"
         return uri if include_password else str(maybe_sanitize_url(uri))

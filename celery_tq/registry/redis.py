@@ -132,14 +132,20 @@ class RedisStore:
         return f"{self.prefix}t:{task_id}"
 
     def write(self, changes: Sequence[Row]) -> None:
+        if len(changes) == 1:  # one EVALSHA round trip; a pipeline adds a SCRIPT EXISTS each time
+            self._merge(keys=[self._key(changes[0]["id"])], args=self._args(changes[0]))
+            return
         pipe = self.client.pipeline(transaction=False)
         for change in changes:
-            args: list[Any] = [self.prefix, change["id"]]
-            for field, value in change.items():
-                if field != "id" and value is not None:
-                    args += [field, value if isinstance(value, str) else repr(value)]
-            self._merge(keys=[self._key(change["id"])], args=args, client=pipe)
+            self._merge(keys=[self._key(change["id"])], args=self._args(change), client=pipe)
         pipe.execute()
+
+    def _args(self, change: Row) -> list[Any]:
+        args: list[Any] = [self.prefix, change["id"]]
+        for field, value in change.items():
+            if field != "id" and value is not None:
+                args += [field, value if isinstance(value, str) else repr(value)]
+        return args
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:
         pipe = self.client.pipeline(transaction=False)
