@@ -27,17 +27,13 @@ from typing import Any
 
 import pytest
 
+from tests.ports import free_port
+
 from .conftest import APPS, Shop
 
 ROOT = Path(__file__).parents[2]
 FLOWERCONFIG = ROOT / "config" / "flowerconfig.py"
 REFUSAL = "refusing to start Flower in production without authentication"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _KeepRedirects(urllib.request.HTTPRedirectHandler):

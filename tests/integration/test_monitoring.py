@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 import celery_tq
 from celery_tq import Priority
+from tests.ports import free_port
 
 from .conftest import APPS, Shop
 
@@ -106,12 +106,6 @@ def test_status_on_an_empty_registry_or_a_wrong_broker_is_one_line_and_exit_1(
     assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _metrics(port: int) -> dict[str, float]:
     deadline = time.monotonic() + 30
     while True:
@@ -137,7 +131,7 @@ def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: st
     redis_shop.app.tasks["tqshop.add"].apply_async((1, 1), priority=9).get(timeout=30)
     with pytest.raises(celery_tq.errors.InvalidInput):
         redis_shop.app.tasks["tqshop.slow_fail"].apply_async((0.01,), tags={"vip"}).get(timeout=30)
-    port = _free_port()
+    port = free_port()
     conf = json.dumps({"tq_metric_tags": ["vip"], **REDIS_REGISTRY})
     env = _env(redis_shop, data_dir, TQSHOP_CONF=conf)
     exporter = subprocess.Popen(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from celery import Celery
 
 from celery_tq.testing import WorkerProcess
 from celery_tq.transport import register_transports
+from tests.ports import free_port
 
 ROOT = Path(__file__).parents[2]
 DB = 14
@@ -109,13 +109,6 @@ while True:
     threading.Thread(target=pipe, args=(client, upstream, frozen), daemon=True).start()
     threading.Thread(target=pipe, args=(upstream, client, frozen), daemon=True).start()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_ping(port: int, timeout: float = 15) -> None:

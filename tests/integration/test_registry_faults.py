@@ -18,6 +18,7 @@ from celery_tq import errors
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
 from tests.conftest import service_missing
+from tests.ports import free_port
 
 from .conftest import APPS, Shop, tqshop
 
@@ -28,9 +29,7 @@ class PrivateRedis:
     """A redis-server of this test's own, without persistence, to stop and start at will."""
 
     def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from kombu.transport import redis as kombu_redis
 from celery_tq.errors import ConfigurationError
 from celery_tq.transport import redis as tq_redis
 from celery_tq.transport import register_transports
+from tests.ports import free_port
 
 DB = 15
 STEPS = list(range(10))
@@ -209,18 +209,11 @@ def test_sentinel_refused_clearly(db: str) -> None:
         conn.default_channel  # noqa: B018
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_redis_cluster_refused_clearly(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
     register_transports()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--cluster-enabled", "yes"],
         cwd=tmp_path,
