@@ -24,6 +24,7 @@ from celery import Celery
 from celery_tq.testing import WorkerProcess
 from celery_tq.transport import register_transports
 from tests.ports import free_port
+from tests.private_redis import PrivateRedis
 
 ROOT = Path(__file__).parents[2]
 DB = 14
@@ -109,54 +110,6 @@ while True:
     threading.Thread(target=pipe, args=(client, upstream, frozen), daemon=True).start()
     threading.Thread(target=pipe, args=(upstream, client, frozen), daemon=True).start()
 """
-
-
-def wait_ping(port: int, timeout: float = 15) -> None:
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-    finally:
-        client.close()
-
-
-class PrivateRedis:
-    def __init__(self, directory: Path, aof: bool) -> None:
-        self.port = free_port()
-        self.dir = directory
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
-        self.args = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--save",
-            "",
-            "--dir",
-            str(directory),
-            *persistence,
-        ]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
-        wait_ping(self.port)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 @pytest.fixture

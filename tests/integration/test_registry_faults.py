@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,46 +17,21 @@ from celery_tq import errors
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
 from tests.conftest import service_missing
-from tests.ports import free_port
+from tests.private_redis import PrivateRedis
 
 from .conftest import APPS, Shop, tqshop
 
 ROOT = Path(__file__).parents[2]
 
 
-class PrivateRedis:
-    """A redis-server of this test's own, without persistence, to stop and start at will."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        self.process = subprocess.Popen([*args, "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
         service_missing("redis-server", "not installed")
-    server = PrivateRedis()
+    server = PrivateRedis(tmp_path)
     server.start()
     yield server
-    server.stop()
+    server.kill()
 
 
 def wait_for(predicate: object, timeout: float, what: str) -> None:
@@ -87,7 +61,7 @@ def test_store_outage_when_a_task_finishes_is_retried_then_reported_never_fatal(
         # 1. down for ~2 s while the task finishes: stored once the store is back
         result = app.tasks["tqshop.sleep"].delay(1.0)
         wait_for(lambda: (r := registry.get(result.id)) and r.state == "STARTED", 20, "STARTED")
-        private_redis.stop()
+        private_redis.kill()
         time.sleep(2.5)
         private_redis.start()  # empty: no persistence, the SUCCESS write recreates the record
         assert result.get(timeout=30) == 1.0
@@ -96,7 +70,7 @@ def test_store_outage_when_a_task_finishes_is_retried_then_reported_never_fatal(
         # 2. down for longer than the retry window: an explicit error, the worker lives on
         lost = app.tasks["tqshop.sleep"].delay(0.5)
         wait_for(lambda: (r := registry.get(lost.id)) and r.state == "STARTED", 20, "STARTED")
-        private_redis.stop()
+        private_redis.kill()
         wait_for(lambda: f"could not store SUCCESS of task {lost.id}" in worker.log, 30, "the error")
         private_redis.start()
         assert app.tasks["tqshop.add"].delay(2, 3).get(timeout=30) == 5

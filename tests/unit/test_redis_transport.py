@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,8 @@ from kombu.transport import redis as kombu_redis
 from celery_tq.errors import ConfigurationError
 from celery_tq.transport import redis as tq_redis
 from celery_tq.transport import register_transports
-from tests.ports import free_port
+from tests.conftest import service_missing
+from tests.private_redis import PrivateRedis
 
 DB = 15
 STEPS = list(range(10))
@@ -211,29 +211,13 @@ def test_sentinel_refused_clearly(db: str) -> None:
 
 def test_redis_cluster_refused_clearly(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
+        service_missing("redis-server", "not installed")
     register_transports()
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--cluster-enabled", "yes"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
+    server = PrivateRedis(tmp_path, extra_args=["--cluster-enabled", "yes"])
+    server.start()
     try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
-        conn = Connection(f"tq+redis://127.0.0.1:{port}/0")
+        conn = Connection(f"tq+redis://127.0.0.1:{server.port}/0")
         with conn, pytest.raises(ConfigurationError, match="Cluster"):
             conn.default_channel  # noqa: B018
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
