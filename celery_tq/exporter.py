@@ -14,7 +14,7 @@ from celery import Celery
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths
+from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths, queue_waits
 
 __all__ = ["TqCollector"]
 
@@ -54,13 +54,10 @@ class TqCollector(Collector):
 
         records = self.registry.query(limit=RECENT_LIMIT)
         by_state_name: dict[tuple[str, str], int] = {}
-        waits: dict[int, list[float]] = {}
         failures: dict[str, int] = {}
         for r in records:
             key = (r.state, r.name or "")
             by_state_name[key] = by_state_name.get(key, 0) + 1
-            if r.started_at and r.submitted_at:
-                waits.setdefault(r.priority, []).append(r.started_at.timestamp() - r.submitted_at.timestamp())
             if r.state == "FAILURE":
                 for tag in set(r.tags) & self.allowed_tags:
                     failures[tag] = failures.get(tag, 0) + 1
@@ -74,7 +71,7 @@ class TqCollector(Collector):
         histogram = HistogramMetricFamily(
             "tq_queue_wait_seconds", "Time from publish to start, recent tasks", labels=["priority"]
         )
-        for priority, values in sorted(waits.items()):
+        for priority, values in sorted(queue_waits(records).items()):
             buckets = [(str(b), sum(1 for v in values if v <= b)) for b in WAIT_BUCKETS]
             buckets.append(("+Inf", len(values)))
             histogram.add_metric([str(priority)], buckets, sum(values))

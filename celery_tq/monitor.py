@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from celery import Celery
 from celery_tq.routing import broker_kind, to_broker_priority
 from celery_tq.settings import TqSettings
 
-__all__ = ["QueueDepth", "Snapshot", "queue_depths", "snapshot"]
+__all__ = ["QueueDepth", "Snapshot", "queue_depths", "queue_waits", "snapshot"]
 
 REDIS_SEP = "\x06\x16"  # kombu's priority-list separator
 WINDOW = 3600.0  # failures by tag, throughput and waits look at the last hour
@@ -125,10 +126,7 @@ def snapshot(app: Celery, registry: Any) -> Snapshot:
         if r.state == "FAILURE":
             for tag in r.tags:
                 failures[tag] = failures.get(tag, 0) + 1
-    waits: dict[int, list[float]] = {}
-    for r in finished:
-        if r.started_at and r.submitted_at:
-            waits.setdefault(r.priority, []).append(1000 * (_epoch(r.started_at) - _epoch(r.submitted_at)))
+    waits = queue_waits(finished)
     oldest: dict[int, dict[str, Any]] = {}
     for r in registry.query(state="QUEUED", limit=RECENT_LIMIT):
         age = now - _epoch(r.submitted_at) if r.submitted_at else 0.0
@@ -142,9 +140,20 @@ def snapshot(app: Celery, registry: Any) -> Snapshot:
         counts=registry.counts(),
         throughput_per_min=float(len(done_last_min)),
         failures_by_tag=dict(sorted(failures.items(), key=lambda kv: -kv[1])),
-        queue_wait_ms={p: _percentiles(ms) for p, ms in sorted(waits.items(), reverse=True)},
+        queue_wait_ms={
+            p: _percentiles([1000 * s for s in seconds]) for p, seconds in sorted(waits.items(), reverse=True)
+        },
         oldest_waiting=dict(sorted(oldest.items(), reverse=True)),
     )
+
+
+def queue_waits(records: Iterable[Any]) -> dict[int, list[float]]:
+    """Seconds from publish to start of each started record, by priority."""
+    waits: dict[int, list[float]] = {}
+    for r in records:
+        if r.started_at and r.submitted_at:
+            waits.setdefault(r.priority, []).append(_epoch(r.started_at) - _epoch(r.submitted_at))
+    return waits
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
