@@ -81,7 +81,11 @@ def production() -> Settings:
         "task_reject_on_worker_lost": True,
         "task_retry_on_worker_lost": True,
         "broker_heartbeat": 10,
-        "broker_transport_options": {"confirm_publish": True},
+        "broker_transport_options": {
+            "confirm_publish": True,
+            # For a sentinel:// TQ_BROKER_URL: the name in `sentinel monitor <name> ...`.
+            **({"master_name": os.environ["TQ_SENTINEL_MASTER"]} if os.environ.get("TQ_SENTINEL_MASTER") else {}),
+        },
         "broker_connection_max_retries": 100,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "result_backend_always_retry": True,
@@ -96,8 +100,8 @@ def production() -> Settings:
 
 
 def _reliable(broker_url: str) -> str:
-    """On Redis, production uses the plugin's reliable transport (same keys as kombu's)."""
-    if broker_url.startswith(("redis://", "rediss://")):
+    """On Redis or Sentinel, production uses the plugin's reliable transport (same keys as kombu's)."""
+    if broker_url.startswith(("redis://", "rediss://", "sentinel://")):
         return f"tq+{broker_url}"
     return broker_url
 

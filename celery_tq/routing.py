@@ -19,7 +19,7 @@ def broker_kind(url: str | None) -> str:
     scheme = (url or "amqp://").split("://", 1)[0].lower()
     if scheme in {"amqp", "amqps", "pyamqp", "librabbitmq"}:
         return "amqp"
-    if scheme in {"redis", "rediss", "sentinel", "redis+socket", "tq+redis", "tq+rediss"}:
+    if scheme in {"redis", "rediss", "sentinel", "redis+socket", "tq+redis", "tq+rediss", "tq+sentinel"}:
         return "redis"
     if scheme == "tq+sqlite":
         return "embedded"

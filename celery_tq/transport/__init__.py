@@ -22,6 +22,7 @@ SCHEMES: dict[str, str] = {
     "sqlite": "celery_tq.transport.sqlite:Transport",
     "redis": "celery_tq.transport.redis:Transport",
     "rediss": "celery_tq.transport.redis:Transport",
+    "sentinel": "celery_tq.transport.redis_sentinel:Transport",
 }
 
 

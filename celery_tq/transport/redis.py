@@ -30,7 +30,10 @@ Transport options (besides kombu's Redis ones): ``heartbeat_interval`` (2), ``he
 (None). Defaults differ from kombu's for ``socket_timeout`` (30), ``socket_connect_timeout``
 (10) and ``health_check_interval`` (10), so a frozen link is noticed.
 
-Scope: Redis >= 6.2, standalone. Redis Cluster and Sentinel are refused at connect time;
+Scope: Redis >= 6.2, standalone or the primary that Redis Sentinel names:
+``tq+sentinel://host:26379[;sentinel://host2:26379]/db`` with ``master_name`` in the transport
+options (:mod:`celery_tq.transport.redis_sentinel`: after a failover the worker reconnects to the
+new primary and the scripts are loaded again). Redis Cluster is refused at connect time;
 ``global_keyprefix`` is honoured (every key, the transport's own included, is prefixed).
 """
 
@@ -104,8 +107,8 @@ def check_server(client: Any, where: str) -> None:
     if int(cluster.get("cluster_enabled", 0) or 0):
         raise ConfigurationError(
             f"tq+redis:// does not support Redis Cluster ({where} has cluster_enabled:1): its scripts "
-            "touch several queue keys at once. Use a standalone Redis (or Sentinel-less primary), "
-            "or the stock redis:// transport."
+            "touch several queue keys at once. Use a standalone Redis (a Sentinel-managed primary "
+            "works: tq+sentinel://), or the stock redis:// transport."
         )
     version = str(client.info("server").get("redis_version", "0"))
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
@@ -185,12 +188,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_thread: threading.Thread | None = None
         self._tq_cached: tuple[Any, Any] | None = None
         connection = args[0] if args else kwargs["connection"]
-        options = connection.client.transport_options
-        if options.get("master_name") or (connection.client.hostname or "").startswith("sentinel"):
-            raise ConfigurationError(
-                "tq+redis:// does not support Redis Sentinel yet; use the stock sentinel:// transport "
-                "(kombu) or point tq+redis:// at the current primary"
-            )
+        self._tq_check_options(connection.client)
         super().__init__(*args, **kwargs)
         self.brpop_timeout = self.connection.brpop_timeout
         try:
@@ -201,6 +199,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             raise
 
     # -- connection ------------------------------------------------------------------------
+
+    def _tq_check_options(self, conninfo: Any) -> None:
+        """Refuse what this transport cannot honour, before anything connects."""
+        if conninfo.transport_options.get("master_name"):
+            raise ConfigurationError(
+                "tq+redis:// talks to one Redis server, not to Redis Sentinel: for Sentinel use "
+                "tq+sentinel://host:26379[;sentinel://host2:26379]/db (master_name in "
+                "broker_transport_options)"
+            )
 
     def _tq_url(self) -> Any:
         return _parse_url(self.connection.client.hostname or "redis://")
@@ -219,12 +226,24 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             params.update({k: v for k, v in url.query.items() if k in _SSL_KEYS})
         return params
 
-    def _tq_check_server(self) -> None:
+    def _tq_server(self) -> str:
+        """``host:port`` of the server the channel's pool connects to."""
         params = self.pool.connection_kwargs
-        ident = (params.get("host"), params.get("port"), params.get("db"), self.global_keyprefix)
+        return f"{params.get('host')}:{params.get('port')}"
+
+    def _tq_check_server(self) -> None:
+        where = self._tq_server()
+        ident = (where, self.pool.connection_kwargs.get("db"), self.global_keyprefix)
         if ident not in _checked_servers:
-            check_server(self._tq_client(), f"{params.get('host')}:{params.get('port')}")
+            check_server(self._tq_client(), where)
             _checked_servers.add(ident)
+
+    def _tq_new_pool(self) -> Any:
+        """A pool of its own for the heartbeat thread, released by :meth:`_tq_drop_pool`."""
+        return redis.ConnectionPool(**self._connparams())
+
+    def _tq_drop_pool(self, pool: Any) -> None:
+        pool.disconnect()
 
     def _tq_client(self) -> Any:
         """The channel's one synchronous client, rebuilt when its pool changes (fork, close)."""
@@ -344,8 +363,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         try:
             reply = client.parse_response(client.connection, "EVALSHA" if cmd == "fetch" else "BZPOPMIN")
         except redis.exceptions.NoScriptError:
+            # On this very connection: after a failover it may still be on the demoted primary,
+            # where the next FETCH then fails READONLY (a connection error under Sentinel).
             self._in_poll = None
-            self._tq_client().execute_command("SCRIPT", "LOAD", FETCH.source)
+            client.execute_command("SCRIPT", "LOAD", FETCH.source)
             raise Empty() from None
         except self.connection_errors:
             self._in_poll = None
@@ -471,7 +492,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_stop = threading.Event()
         self._tq_thread = threading.Thread(
             target=self._tq_heartbeat_loop,
-            args=(self._tq_stop, redis.ConnectionPool(**self._connparams())),
+            args=(self._tq_stop, self._tq_new_pool()),
             name=f"tq-redis-heartbeat-{self._tq_cid}",
             daemon=True,
         )
@@ -501,7 +522,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                     return
         finally:
             client.close()
-            pool.disconnect()
+            self._tq_drop_pool(pool)
 
     def _tq_beat(self, client: Any, alive: bool) -> None:
         acks = self._tq_drain_acks()

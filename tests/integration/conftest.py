@@ -12,6 +12,7 @@ import pytest
 from celery import Celery
 
 from celery_tq.testing import WorkerProcess
+from tests.integration.redis_runs import Run
 
 APPS = Path(__file__).parent / "apps"
 sys.path.insert(0, str(APPS))
@@ -81,3 +82,18 @@ def _shop(kind: str, request: pytest.FixtureRequest, tmp: Path) -> Iterator[Shop
     for worker in workers:
         worker.stop()
     app.close()
+
+
+@pytest.fixture
+def run_factory(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Runs of the recording app of :mod:`tests.integration.redis_runs`, closed after the test."""
+    runs: list[Run] = []
+
+    def make(broker: str, **kw: Any) -> Run:
+        run = Run(tmp_path, broker, **kw)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()

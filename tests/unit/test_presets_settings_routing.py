@@ -35,6 +35,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]
     monkeypatch.setenv("TQ_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("TQ_BROKER_URL", raising=False)
     monkeypatch.delenv("TQ_RESULT_BACKEND", raising=False)
+    monkeypatch.delenv("TQ_SENTINEL_MASTER", raising=False)
     before = set(_state._on_app_finalizers)
     yield
     _state._on_app_finalizers.intersection_update(before)
@@ -135,6 +136,17 @@ def test_production_preset_reads_broker_and_backend_urls_from_the_environment(
     settings = presets.production()
     assert settings["broker_url"] == "amqp://app:secret@rabbit:5672/shop"
     assert settings["result_backend"] == "db+postgresql+psycopg://app@pg/shop"
+
+
+def test_production_preset_puts_a_sentinel_broker_on_the_reliable_transport(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TQ_BROKER_URL", "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379/0")
+    monkeypatch.setenv("TQ_SENTINEL_MASTER", "mymaster")
+    settings = presets.production()
+    assert settings["broker_url"].startswith("tq+sentinel://10.0.0.1:26379;")
+    assert settings["broker_transport_options"] == {"confirm_publish": True, "master_name": "mymaster"}
+    assert broker_kind(settings["broker_url"]) == "redis"
 
 
 def test_production_preset_defaults_to_local_rabbitmq_and_postgresql() -> None:

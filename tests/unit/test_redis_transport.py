@@ -203,9 +203,9 @@ def test_global_keyprefix_is_honoured(db: str, raw: redis.Redis, redis_host: str
         assert [b for b, _ in consume(conn, ["pre"], 1)] == ["p"]
 
 
-def test_sentinel_refused_clearly(db: str) -> None:
+def test_sentinel_options_on_tq_redis_point_to_tq_sentinel(db: str) -> None:
     conn = Connection(db, transport_options={"master_name": "mymaster"})
-    with conn, pytest.raises(ConfigurationError, match="Sentinel"):
+    with conn, pytest.raises(ConfigurationError, match=r"for Sentinel use tq\+sentinel://"):
         conn.default_channel  # noqa: B018
 
 
