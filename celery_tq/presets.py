@@ -84,7 +84,7 @@ def production() -> Settings:
         "broker_transport_options": {
             "confirm_publish": True,
             # For a sentinel:// TQ_BROKER_URL: the name in `sentinel monitor <name> ...`.
-            **({"master_name": os.environ["TQ_SENTINEL_MASTER"]} if os.environ.get("TQ_SENTINEL_MASTER") else {}),
+            **({"master_name": master} if (master := os.environ.get("TQ_SENTINEL_MASTER")) else {}),
         },
         "broker_connection_max_retries": 100,
         "worker_cancel_long_running_tasks_on_connection_loss": True,

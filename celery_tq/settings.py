@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "tq_result_expires": 7 * 24 * 3600,
     "tq_registry_url": None,
     "tq_max_priority": 10,
+    "tq_event_flush_interval": 0.1,
+    "tq_event_batch": 200,
 }
 
 
@@ -42,6 +44,8 @@ class TqSettings:
     result_expires: float
     registry_url: str | None
     max_priority: int
+    event_flush_interval: float
+    event_batch: int
 
     @classmethod
     def from_app(cls, app: Celery) -> TqSettings:
@@ -51,6 +55,8 @@ class TqSettings:
         values["priority_bands"] = _validate_bands(bands) if bands else None
         if float(values["timeout_grace"]) < 0:
             raise ConfigurationError("tq_timeout_grace must be >= 0 seconds")
+        if float(values["event_flush_interval"]) < 0 or int(values["event_batch"]) < 1:
+            raise ConfigurationError("tq_event_flush_interval must be >= 0 s and tq_event_batch >= 1")
         return cls(**values)
 
     def queues(self) -> list[str]:

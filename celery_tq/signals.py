@@ -10,6 +10,7 @@ never stores (``QUEUED``, ``REJECTED``) is written here. Handlers are connected 
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 import uuid
 import weakref
@@ -25,7 +26,7 @@ from celery_tq.errors import InvalidInput
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_headers, from_request, registry_url
 from celery_tq.registry.record import QUEUED, change
-from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
+from celery_tq.registry.writer import enqueue, flush_all, retract, write_with_retry
 from celery_tq.settings import TqSettings
 
 __all__ = ["connect"]
@@ -81,10 +82,17 @@ class _Recorder:
 
     def __init__(self, app_ref: weakref.ref[Celery]) -> None:
         self.app_ref = app_ref
-        self._started: dict[str, float] = {}
+        self._run = threading.local()  # (task id, target) of the task running in this thread
 
-    def _target(self, sender_app: Any) -> tuple[Store, bool] | None:
-        """(store, whether the tq backend already writes results) for this app, else None."""
+    def _target(self, sender_app: Any, task_id: str | None = None) -> tuple[Store, bool] | None:
+        """(store, whether the tq backend already writes results) for this app, else None.
+
+        Within one run (``task_id`` given) the answer of ``task_prerun`` is reused.
+        """
+        if task_id is not None:
+            run = getattr(self._run, "value", None)
+            if run is not None and run[0] == task_id and run[1] is sender_app:
+                return run[2]  # type: ignore[no-any-return]
         app = self.app_ref()
         if app is None or sender_app is not app:
             return None
@@ -109,7 +117,9 @@ class _Recorder:
         enqueue(target[0], change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields))
 
     def on_started(self, sender: Any = None, task_id: str = "", task: Any = None, **kw: Any) -> None:
-        target = self._target(getattr(task, "app", None))
+        app = getattr(task, "app", None)
+        target = self._target(app)
+        self._run.value = (task_id, app, target)
         if target is None:
             return
         store, backend_writes = target
@@ -177,13 +187,11 @@ class _Recorder:
         retry: bool = False,
         task_id: str | None = None,
     ) -> None:
-        target = self._target(getattr(sender, "app", None))
-        if target is None or target[1]:
+        task_id = task_id or str(getattr(request, "id", "") or "")
+        target = self._target(getattr(sender, "app", None), task_id)
+        if target is None or target[1] or not task_id:
             return
         retries, fields = from_request(request)
-        task_id = task_id or str(getattr(request, "id", "") or "")
-        if not task_id:
-            return
         now = time.time()
         fields["name"] = fields["name"] or getattr(sender, "name", None)
         if retry:
@@ -197,11 +205,14 @@ class _Recorder:
         elif state == "SUCCESS":
             fields["result"] = _json_or_repr(result)
         row = change(task_id, state, retries, submitted_at=now, **fields)
-        write_with_retry(target[0], [row], f"{state} of task {task_id}")
+        started = retract(target[0], task_id, "STARTED")  # a short task: one write for both
+        rows = [started, row] if started is not None else [row]
+        write_with_retry(target[0], rows, f"{state} of task {task_id}")
 
-    def on_postrun(self, sender: Any = None, **kw: Any) -> None:
-        if self._target(getattr(sender, "app", None)) is not None:
+    def on_postrun(self, sender: Any = None, task_id: str = "", **kw: Any) -> None:
+        if self._target(getattr(sender, "app", None), task_id) is not None:
             flush_all()  # what the task published is recorded before the next one runs
+        self._run.value = None
 
     def on_process_shutdown(self, **kw: Any) -> None:
         flush_all()

@@ -22,6 +22,7 @@ from celery_tq.routing import PriorityRouter, broker_kind, queues_for
 from celery_tq.settings import TqSettings
 from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
+from celery_tq.worker_events import BatchedEvents
 
 __all__ = ["TaskQueueSystem", "install", "system_for"]
 
@@ -167,6 +168,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     wire_backend(app)
     _connect_signals(app)
     signals_module.connect(app)
+    app.steps["consumer"].add(BatchedEvents)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(
         lambda sender, **kw: _configure(sender, preset_settings),

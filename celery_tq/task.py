@@ -94,15 +94,15 @@ class TqTask(Task):  # type: ignore[type-arg]
         if self.request.called_directly:
             return self.run(*args, **kwargs)
         metadata = self.metadata
-        settings = TqSettings.from_app(self.app)
         request = self.request
+        grace = TqSettings.from_app(self.app).timeout_grace if metadata.timeout else 0.0
 
         def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
             error = TaskTimeout(self.name, metadata.timeout or 0.0)
             self.backend.mark_as_failure(str(request.id), error, request=request)
 
         try:
-            with timeouts.enforce(metadata.timeout, settings.timeout_grace, fail_hard_timeout) as clock:
+            with timeouts.enforce(metadata.timeout, grace, fail_hard_timeout) as clock:
                 result = super().__call__(*args, **kwargs)
             if clock.hard_expired:
                 raise TaskTimeout(self.name, metadata.timeout or 0.0)
@@ -113,7 +113,7 @@ class TqTask(Task):  # type: ignore[type-arg]
             error = error_codec.convert(exc, self.name, metadata.timeout)
             assert isinstance(error, Exception)
             if getattr(error, "retryable", False) and self._may_retry():
-                raise self.retry(exc=error, countdown=self._backoff(settings)) from None
+                raise self.retry(exc=error, countdown=self._backoff(TqSettings.from_app(self.app))) from None
             if error is exc:
                 raise
             raise error from exc

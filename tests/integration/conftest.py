@@ -55,6 +55,11 @@ def redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
 
 
 @pytest.fixture
+def rabbitmq_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    yield from _shop("rabbitmq", request, Path(data_dir))
+
+
+@pytest.fixture
 def embedded_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     yield from _shop("embedded", request, Path(data_dir))
 
