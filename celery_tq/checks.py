@@ -124,15 +124,17 @@ def _registry(app: Celery) -> list[Finding]:
     from celery_tq.registry.capture import registry_url
 
     backend = str(app.conf.result_backend or "")
-    # With in-memory results too (the testing preset) everything runs in one process anyway.
-    in_memory_results = backend.startswith(("cache+memory", "memory", "tq+memory"))
-    if registry_url(app).startswith(("memory://", "tq+memory://")) and backend and not in_memory_results:
+    # With in-memory results (the testing preset) or broker everything runs in one process anyway.
+    single_process = backend.startswith(("cache+memory", "memory", "tq+memory")) or str(
+        app.conf.broker_url or ""
+    ).startswith("memory")
+    if registry_url(app).startswith(("memory://", "tq+memory://")) and not single_process:
         return [
             Finding(
                 "warning",
                 "registry-in-memory",
-                "task records live only in each process's memory: the worker's records are "
-                "invisible to clients, `celery tq tasks` and Flower users",
+                "no registry store: task records would live only in each process's memory, so "
+                "prefork workers do not record tasks at all and `celery tq tasks` shows none",
                 'use result_backend = "tq+sqlite:///path" (or tq+postgresql://, tq+redis://), '
                 "or set tq_registry_url to one of those stores",
             )

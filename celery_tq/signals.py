@@ -32,6 +32,7 @@ from celery_tq.settings import TqSettings
 __all__ = ["connect"]
 
 _publishing: contextvars.ContextVar[Celery | None] = contextvars.ContextVar("tq_publishing", default=None)
+_pool_child = False  # set in prefork pool processes (``worker_process_init``)
 PURGE_EVERY = 3600.0
 
 
@@ -40,6 +41,7 @@ def connect(app: Celery) -> None:
     uid = app.__dict__.setdefault("_tq_registry_uid", uuid.uuid4().hex)
     recorder = _Recorder(weakref.ref(app))
     _mark_publishes(app)
+    signals.worker_process_init.connect(_in_pool_child, weak=False, dispatch_uid="tq-registry-pool-child")
     for signal, handler in (
         (signals.after_task_publish, recorder.on_published),
         (signals.task_prerun, recorder.on_started),
@@ -54,6 +56,11 @@ def connect(app: Celery) -> None:
         (signals.worker_ready, recorder.on_worker_ready),
     ):
         signal.connect(handler, weak=False, dispatch_uid=f"tq-registry-{handler.__name__}-{uid}")
+
+
+def _in_pool_child(**kw: Any) -> None:
+    global _pool_child
+    _pool_child = True
 
 
 def _mark_publishes(app: Celery) -> None:
@@ -83,12 +90,17 @@ class _Recorder:
     def __init__(self, app_ref: weakref.ref[Celery]) -> None:
         self.app_ref = app_ref
         self._run = threading.local()  # (task id, target) of the task running in this thread
+        self._frozen: tuple[Store, bool] | bool | None = False  # a pool process's answer, once known
 
     def _target(self, sender_app: Any, task_id: str | None = None) -> tuple[Store, bool] | None:
         """(store, whether the tq backend already writes results) for this app, else None.
 
-        Within one run (``task_id`` given) the answer of ``task_prerun`` is reused.
+        Within one run (``task_id`` given) the answer of ``task_prerun`` is reused; in a prefork
+        pool process, whose configuration is fixed (Celery builds its tracers from it once), the
+        first answer is.
         """
+        if _pool_child and self._frozen is not False and sender_app is self.app_ref():
+            return self._frozen  # type: ignore[return-value]
         if task_id is not None:
             run = getattr(self._run, "value", None)
             if run is not None and run[0] == task_id and run[1] is sender_app:
@@ -97,11 +109,15 @@ class _Recorder:
         if app is None or sender_app is not app:
             return None
         url = registry_url(app)
-        from celery_tq.backend import TqBackend
+        target: tuple[Store, bool] | None = None
+        if not (_pool_child and url == "memory://"):  # else records nobody could read (check() warns)
+            from celery_tq.backend import TqBackend
 
-        backend = app.backend
-        backend_writes = isinstance(backend, TqBackend) and backend.store is store_for_url(url)
-        return store_for_url(url), backend_writes
+            store, backend = store_for_url(url), app.backend
+            target = store, isinstance(backend, TqBackend) and backend.store is store
+        if _pool_child:
+            self._frozen = target
+        return target
 
     def on_published(
         self, sender: Any = None, headers: Any = None, routing_key: Any = None, **kw: Any

@@ -62,6 +62,27 @@ class TqTask(Task):  # type: ignore[type-arg]
     def metadata(self) -> TaskMetadata:
         """The effective metadata of the current run (or the task's defaults outside a run)."""
         request = self.request
+        cached: TaskMetadata | None = vars(request).get("_tq_metadata")
+        if cached is not None:
+            return cached
+        metadata = self._metadata_of(request)
+        if getattr(request, "id", None):  # a run's context: the same metadata until it ends
+            vars(request)["_tq_metadata"] = metadata
+        return metadata
+
+    def _run_timeout(self, request: Any) -> float | None:
+        """The run's timeout; only a set one costs building (and validating) the metadata."""
+        own = vars(request)
+        headers = getattr(request, "headers", None) or {}
+        keys = (HEADER_TIMEOUT, HEADER_PRIORITY, HEADER_TAGS)
+        if any(own.get(k) is not None or k in headers for k in keys):
+            timeout = own.get(HEADER_TIMEOUT)
+            timeout = timeout if timeout is not None else headers.get(HEADER_TIMEOUT)
+        else:
+            timeout = self.tq_metadata.timeout
+        return None if timeout is None else self.metadata.timeout
+
+    def _metadata_of(self, request: Any) -> TaskMetadata:
         headers = dict(getattr(request, "headers", None) or {})
         for key in (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT):
             value = getattr(request, key, None)
@@ -93,24 +114,24 @@ class TqTask(Task):  # type: ignore[type-arg]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:
             return self.run(*args, **kwargs)
-        metadata = self.metadata
         request = self.request
-        grace = TqSettings.from_app(self.app).timeout_grace if metadata.timeout else 0.0
+        timeout = self._run_timeout(request)
+        grace = TqSettings.from_app(self.app).timeout_grace if timeout else 0.0
 
         def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
-            error = TaskTimeout(self.name, metadata.timeout or 0.0)
+            error = TaskTimeout(self.name, timeout or 0.0)
             self.backend.mark_as_failure(str(request.id), error, request=request)
 
         try:
-            with timeouts.enforce(metadata.timeout, grace, fail_hard_timeout) as clock:
+            with timeouts.enforce(timeout, grace, fail_hard_timeout) as clock:
                 result = super().__call__(*args, **kwargs)
             if clock.hard_expired:
-                raise TaskTimeout(self.name, metadata.timeout or 0.0)
+                raise TaskTimeout(self.name, timeout or 0.0)
             return result
         except TaskPredicate:
             raise  # Retry, Ignore, Reject: Celery's control flow
         except Exception as exc:
-            error = error_codec.convert(exc, self.name, metadata.timeout)
+            error = error_codec.convert(exc, self.name, timeout)
             assert isinstance(error, Exception)
             if getattr(error, "retryable", False) and self._may_retry():
                 raise self.retry(exc=error, countdown=self._backoff(TqSettings.from_app(self.app))) from None

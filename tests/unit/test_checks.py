@@ -265,3 +265,18 @@ def test_cli_check_exits_zero_when_there_are_only_warnings(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     findings = parsed(result)
     assert [(f["level"], f["code"]) for f in findings] == [("warning", "priority-ignored")]
+
+
+@pytest.mark.parametrize("backend", [None, "redis://127.0.0.1:6379/1"])
+def test_a_registry_with_no_store_of_its_own_is_a_warning(backend: str | None) -> None:
+    findings = check("production", broker=AMQP_URL, result_backend=backend)
+    registry = [f for f in findings if f.code == "registry-in-memory"]
+    assert len(registry) == 1 and registry[0].level == "warning"
+    assert "tq_registry_url" in registry[0].fix
+
+
+def test_a_registry_url_or_a_tq_backend_gives_no_registry_warning() -> None:
+    assert "registry-in-memory" not in codes(
+        check("production", broker=AMQP_URL, result_backend=None, tq_registry_url="redis://127.0.0.1/1")
+    )
+    assert "registry-in-memory" not in codes(check("testing"))  # everything in one process
