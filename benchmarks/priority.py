@@ -150,13 +150,14 @@ class Bench:
         with self.worker(mode):
             self.wait(100)
             sent_at = time.monotonic()
+            before_send = int(self.log.llen("started"))  # type: ignore[arg-type]
             app.send_task("prio.mark", ("critical",), priority=9)
-            # Counted from when the broker has it (the publish returned; with confirms on
-            # RabbitMQ that is a round trip): LOW tasks started while it was on its way are not
-            # behind it yet. The delay in ms is counted from before the send.
-            before = int(self.log.llen("started"))  # type: ignore[arg-type]
+            # LOW tasks are counted from when the broker has it (the publish returned; with
+            # confirms on RabbitMQ that is a round trip): those started while it was on its way
+            # were not behind it yet. The delay in ms is counted from before the send.
+            arrived = int(self.log.llen("started"))  # type: ignore[arg-type]
             while True:
-                started = [x.decode() for x in self.log.lrange("started", before, -1)]  # type: ignore[union-attr]
+                started = [x.decode() for x in self.log.lrange("started", before_send, -1)]  # type: ignore[union-attr]
                 if "critical" in started:
                     elapsed = (time.monotonic() - sent_at) * 1000
                     break
@@ -164,7 +165,7 @@ class Bench:
                     raise TimeoutError("critical task never started")
                 time.sleep(0.001)
         app.close()
-        return started.index("critical"), elapsed
+        return max(0, before_send + started.index("critical") - arrived), elapsed
 
     def throughput(self, mode: str, n: int) -> float:
         app = make_client(mode, self.url(mode))
