@@ -37,6 +37,20 @@ def call_options(metadata: TaskMetadata, options: dict[str, Any]) -> dict[str, A
     return options
 
 
+_TQ_KEYS = (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT)
+
+
+def _tq_values(request: Any) -> dict[str, Any] | None:
+    """A run's ``tq_*`` values (request attributes over message headers); None if it has none."""
+    headers = getattr(request, "headers", None) or {}
+    values = {key: headers[key] for key in _TQ_KEYS if key in headers}
+    for key in _TQ_KEYS:
+        value = getattr(request, key, None)
+        if value is not None:
+            values[key] = value
+    return values or None
+
+
 class TqTask(Task):  # type: ignore[type-arg]
     """Base class of celery-tq tasks: ``@app.task(base=TqTask, tq_priority=7, tq_timeout=30)``.
 
@@ -72,28 +86,18 @@ class TqTask(Task):  # type: ignore[type-arg]
 
     def _run_timeout(self, request: Any) -> float | None:
         """The run's timeout; only a set one costs building (and validating) the metadata."""
-        own = vars(request)
-        headers = getattr(request, "headers", None) or {}
-        keys = (HEADER_TIMEOUT, HEADER_PRIORITY, HEADER_TAGS)
-        if any(own.get(k) is not None or k in headers for k in keys):
-            timeout = own.get(HEADER_TIMEOUT)
-            timeout = timeout if timeout is not None else headers.get(HEADER_TIMEOUT)
-        else:
-            timeout = self.tq_metadata.timeout
+        values = _tq_values(request)
+        timeout = self.tq_metadata.timeout if values is None else values.get(HEADER_TIMEOUT)
         return None if timeout is None else self.metadata.timeout
 
     def _metadata_of(self, request: Any) -> TaskMetadata:
-        headers = dict(getattr(request, "headers", None) or {})
-        for key in (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT):
-            value = getattr(request, key, None)
-            if value is not None:
-                headers[key] = value
-        if not any(k in headers for k in (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT)):
+        values = _tq_values(request)
+        if values is None:
             return self.tq_metadata
         return TaskMetadata(
-            priority=headers.get(HEADER_PRIORITY, self.tq_metadata.priority),
-            timeout=headers.get(HEADER_TIMEOUT),
-            tags=frozenset(headers.get(HEADER_TAGS) or ()),
+            priority=values.get(HEADER_PRIORITY, self.tq_metadata.priority),
+            timeout=values.get(HEADER_TIMEOUT),
+            tags=frozenset(values.get(HEADER_TAGS) or ()),
         )
 
     def apply_async(  # type: ignore[override]

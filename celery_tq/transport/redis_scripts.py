@@ -34,6 +34,14 @@ local function wake_for(src, sep)
   if at then queue = string.sub(src, 1, at - 1) end
   redis.call('ZADD', P .. '_tq.wake.' .. queue, 0, 'w')
 end
+-- Applies n acks, (src, raw) pairs from ARGV[i]; returns the index after them.
+local function apply_acks(procp, i, n)
+  for _ = 1, n do
+    redis.call('LREM', procp .. ARGV[i], 1, ARGV[i + 1])
+    i = i + 2
+  end
+  return i
+end
 """
 
 #: ARGV: P, cid, ttl_ms, n, nacks, nqueues, nsteps, then nacks (src, raw) pairs, then the
@@ -49,11 +57,7 @@ local cid = ARGV[2]
 local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4])
 local nacks, nq, ns = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local procp = P .. '_tq.proc.' .. cid .. '|'
-local i = 8
-for _ = 1, nacks do
-  redis.call('LREM', procp .. ARGV[i], 1, ARGV[i + 1])
-  i = i + 2
-end
+local i = apply_acks(procp, 8, nacks)
 local queues = {}
 for q = 1, nq do queues[q] = ARGV[i]; i = i + 1 end
 local base = i
@@ -170,11 +174,7 @@ local old, new = ARGV[2], ARGV[3]
 local ttl, sep, nacks = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local oldp = P .. '_tq.proc.' .. old .. '|'
 local newp = P .. '_tq.proc.' .. new .. '|'
-local i = 7
-for _ = 1, nacks do
-  redis.call('LREM', oldp .. ARGV[i], 1, ARGV[i + 1])
-  i = i + 2
-end
+local i = apply_acks(oldp, 7, nacks)
 if new ~= '' then
   redis.call('SET', P .. '_tq.hb.' .. new, '1', 'PX', ttl)
   redis.call('SADD', P .. '_tq.consumers', new)
