@@ -8,7 +8,9 @@ For each broker and system, in the same run:
   LOW tasks started between the moment the broker has it (the publish returned) and its start,
   and the delay in ms from before the send;
 - throughput: T no-op tasks drained (tasks/s), celery-tq with random priorities vs plain Celery
-  without priorities; the ratio is the median over the rounds.
+  without priorities (defaults), and vs plain Celery with only the settings priorities need
+  (prefetch 1, late ack, a priority queue, random priorities); celery-tq also with task events
+  off (what it costs when no Flower watches); a ratio is the median over the rounds.
 
 celery-tq runs the production preset (on Redis with its tq+redis:// transport); no result
 backend, so the registry's cost is not in these figures (see benchmarks/registry.py).
@@ -60,8 +62,8 @@ APP_MODULE = textwrap.dedent(
             app.conf.update(
                 worker_send_task_events=False, task_send_sent_event=False, task_track_started=False
             )
-    elif os.environ["BENCH_MODE"] == "plain-late":
-        app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
+    elif os.environ["BENCH_MODE"] == "plain-prio":
+        app.conf.update(PRIORITY_SETTINGS)
     log = redis.Redis.from_url(os.environ["BENCH_LOG"])
 
     @task(name="prio.mark")
@@ -71,13 +73,34 @@ APP_MODULE = textwrap.dedent(
 )
 
 
+# Plain Celery with what priorities need and nothing else: prefetch 1 and late ack, a priority
+# queue (x-max-priority on RabbitMQ, 10 priority steps on Redis), priorities sent. Its own queue:
+# RabbitMQ refuses to redeclare the default one with another x-max-priority.
+PRIORITY_SETTINGS = {
+    "worker_prefetch_multiplier": 1,
+    "task_acks_late": True,
+    "task_queue_max_priority": 10,
+    "broker_transport_options": {"priority_steps": list(range(10))},
+    "task_default_queue": "celery.prio",
+}
+QUEUES = ("celery", "celery.prio", "tq.default")
+THROUGHPUT_ROWS = {
+    "plain": "plain Celery, defaults",
+    "plain-prio": "plain Celery, priority settings",
+    "tq": "celery-tq (production preset: task events on for Flower)",
+    "tq-noevents": "celery-tq, task events off",
+}
+
+
 def make_client(mode: str, broker: str) -> Celery:
     app = Celery("prio", set_as_current=False)
     app.conf.update(broker_url=broker, task_ignore_result=True, result_backend=None)
-    if mode == "tq":
+    if mode.startswith("tq"):
         import celery_tq
 
         celery_tq.install(app, preset="production")
+    elif mode == "plain-prio":
+        app.conf.update(PRIORITY_SETTINGS)
     return app
 
 
@@ -102,17 +125,18 @@ class Bench:
         if self.kind == "redis":
             redis.Redis.from_url(self.broker).flushdb()
         else:
-            for queue in ("celery", "tq.default"):
+            for queue in QUEUES:
                 with app.connection_for_write() as conn, contextlib.suppress(Exception):
                     conn.default_channel.queue_purge(queue)
 
     def url(self, mode: str) -> str:
         """celery-tq on Redis runs the production preset's transport, tq+redis://."""
-        return f"tq+{self.broker}" if mode == "tq" and self.kind == "redis" else self.broker
+        return f"tq+{self.broker}" if mode.startswith("tq") and self.kind == "redis" else self.broker
 
     def worker(self, mode: str) -> WorkerProcess:
         env = {
-            "BENCH_MODE": mode,
+            "BENCH_MODE": "tq" if mode.startswith("tq") else mode,
+            "BENCH_NOEVENTS": "1" if mode == "tq-noevents" else "",
             "BENCH_BROKER": self.url(mode),
             "BENCH_LOG": f"{REDIS}/{LOG_DB}",
             "PYTHONPATH": f"{self.workdir}:{ROOT}",
@@ -173,7 +197,7 @@ class Bench:
         rng = random.Random(3)
         with app.producer_or_acquire() as producer:
             for i in range(n):
-                options: dict[str, Any] = {"priority": rng.randint(0, 9)} if mode == "tq" else {}
+                options: dict[str, Any] = {"priority": rng.randint(0, 9)} if mode != "plain" else {}
                 app.send_task("prio.mark", (f"t{i}",), producer=producer, **options)
         with self.worker(mode):
             ready = time.monotonic()
@@ -181,6 +205,11 @@ class Bench:
             rate = n / (time.monotonic() - ready)
         app.close()
         return rate
+
+
+def ratio(rates: list[float], base: list[float]) -> float:
+    """The median of the per-round ratios (rounds alternate, so each pair shares the machine)."""
+    return statistics.median(t / p for t, p in zip(rates, base, strict=True))
 
 
 def rabbit_vhost() -> tuple[str, str]:
@@ -205,10 +234,10 @@ def main() -> None:
     print("$ python benchmarks/priority.py " + " ".join(sys.argv[1:]))
     print(f"# {os.cpu_count()} CPUs, worker -P prefork -c {CONCURRENCY}, plain Celery = default settings")
     workdir = Path(tempfile.mkdtemp(prefix="tq-prio-"))
-    (workdir / "prioapp.py").write_text(APP_MODULE)
+    (workdir / "prioapp.py").write_text(f"PRIORITY_SETTINGS = {PRIORITY_SETTINGS!r}\n{APP_MODULE}")
     vhost = None
     rows: list[tuple[str, str, int, int, float]] = []
-    throughput: list[tuple[str, dict[str, float], list[float]]] = []
+    throughput: list[tuple[str, dict[str, list[float]]]] = []
     try:
         for kind in args.brokers.split(","):
             if kind == "redis":
@@ -220,17 +249,11 @@ def main() -> None:
                 violations = bench.order(mode, args.order)
                 overtaken, delay = bench.overtake(mode, args.backlog)
                 rows.append((kind, mode, violations, overtaken, delay))
-            modes = ("plain", "plain-late", "tq")
-            rates: dict[str, list[float]] = {m: [] for m in modes}
+            rates: dict[str, list[float]] = {m: [] for m in THROUGHPUT_ROWS}
             for _ in range(args.rounds):
-                for mode in modes:  # alternating rounds
+                for mode in THROUGHPUT_ROWS:  # alternating rounds
                     rates[mode].append(bench.throughput(mode, args.throughput))
-            medians = {m: statistics.median(r) for m, r in rates.items()}
-            ratios = [
-                statistics.median(t / p for t, p in zip(rates["tq"], rates[base], strict=True))
-                for base in ("plain", "plain-late")
-            ]
-            throughput.append((kind, medians, ratios))
+            throughput.append((kind, rates))
     finally:
         if vhost:
             subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
@@ -241,16 +264,13 @@ def main() -> None:
     print("|---|---|---:|---:|---:|")
     for kind, mode, a, b, c in rows:
         print(f"| {kind} | {'celery-tq' if mode == 'tq' else 'plain Celery'} | {a} | {b} | {c:.0f} |")
-    print(
-        "\n| broker | plain Celery, defaults (tasks/s) | plain Celery, prefetch 1 + late ack (tasks/s) "
-        "| celery-tq, priorities on (tasks/s) | ratio vs defaults | ratio vs same settings |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind, m, (vs_default, vs_same) in throughput:
-        print(
-            f"| {kind} | {m['plain']:.0f} | {m['plain-late']:.0f} | {m['tq']:.0f} "
-            f"| {vs_default:.2f}x | {vs_same:.2f}x |"
-        )
+    print("\n| broker | system | tasks/s | vs plain defaults | vs plain priority settings |")
+    print("|---|---|---:|---:|---:|")
+    for kind, rates in throughput:
+        for mode, label in THROUGHPUT_ROWS.items():
+            vs_plain, vs_prio = (ratio(rates[mode], rates[base]) for base in ("plain", "plain-prio"))
+            rate = statistics.median(rates[mode])
+            print(f"| {kind} | {label} | {rate:.0f} | {vs_plain:.2f}x | {vs_prio:.2f}x |")
     print(f"(throughput: {args.throughput} no-op tasks, median of {args.rounds} alternating rounds)")
 
 

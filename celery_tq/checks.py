@@ -85,6 +85,17 @@ def _priority(conf: Any) -> list[Finding]:
                 "set worker_prefetch_multiplier = 1 and task_acks_late = True",
             )
         )
+    extra = conf.get("tq_prefetch_extra", 1)
+    if isinstance(extra, int) and extra > 1:
+        findings.append(
+            Finding(
+                "warning",
+                "prefetch-extra-defeats-priority",
+                f"tq_prefetch_extra={extra}: an urgent task may start after concurrency + {extra} "
+                "lower ones a worker already reserved",
+                "set tq_prefetch_extra = 1 (concurrency + 1) or 0 (only what runs)",
+            )
+        )
     return findings
 
 

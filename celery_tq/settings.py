@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_max_priority": 10,
     "tq_event_flush_interval": 0.1,
     "tq_event_batch": 200,
+    "tq_prefetch_extra": 1,
 }
 
 
@@ -46,6 +47,7 @@ class TqSettings:
     max_priority: int
     event_flush_interval: float
     event_batch: int
+    prefetch_extra: int
 
     @classmethod
     def from_app(cls, app: Celery) -> TqSettings:
@@ -57,6 +59,9 @@ class TqSettings:
             raise ConfigurationError("tq_timeout_grace must be >= 0 seconds")
         if float(values["event_flush_interval"]) < 0 or int(values["event_batch"]) < 1:
             raise ConfigurationError("tq_event_flush_interval must be >= 0 s and tq_event_batch >= 1")
+        extra = values["prefetch_extra"]
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+            raise ConfigurationError(f"tq_prefetch_extra must be an int >= 0, not {extra!r}")
         return cls(**values)
 
     def queues(self) -> list[str]:

@@ -23,6 +23,7 @@ from celery_tq.settings import TqSettings
 from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
 from celery_tq.worker_events import BatchedEvents
+from celery_tq.worker_prefetch import ReserveExtra
 
 __all__ = ["TaskQueueSystem", "install", "system_for"]
 
@@ -169,6 +170,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     _connect_signals(app)
     signals_module.connect(app)
     app.steps["consumer"].add(BatchedEvents)
+    app.steps["consumer"].add(ReserveExtra)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(
         lambda sender, **kw: _configure(sender, preset_settings),

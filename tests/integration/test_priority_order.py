@@ -63,6 +63,30 @@ def test_critical_task_overtakes_a_low_backlog_within_concurrency_plus_one(shop:
     assert ran.index("critical") <= 1 + 1  # at most concurrency + 1 LOW tasks started before it
 
 
+def _received_while_busy(shop: Shop, data_dir: str, env: dict[str, str] | None = None) -> int:
+    """Tasks a -c 1 worker has received while it runs the first of a backlog of slow ones."""
+    record = shop.app.tasks["tqshop.record"]
+    for i in range(4):
+        record.apply_async((f"slow{i}", 3.0), priority=Priority.LOW)
+    worker = shop.start_worker(concurrency=1, env=env or {})
+    _wait_for_lines(data_dir, 1)
+    time.sleep(1.0)  # the delivery after the first one has arrived; the first runs 3 s
+    received = worker.log.count("] received")
+    assert len(_order(data_dir)) == 1, "the first task should still be running"
+    worker.stop()
+    return received
+
+
+def test_a_busy_worker_holds_one_task_beyond_its_concurrency(shop: Shop, data_dir: str) -> None:
+    """tq_prefetch_extra=1: the next task is already in the worker when a process finishes."""
+    assert _received_while_busy(shop, data_dir) == 1 + 1
+
+
+def test_prefetch_extra_zero_holds_only_what_runs(rabbitmq_shop: Shop, data_dir: str) -> None:
+    env = {"TQSHOP_CONF": json.dumps({"tq_prefetch_extra": 0})}
+    assert _received_while_busy(rabbitmq_shop, data_dir, env) == 1
+
+
 def test_send_task_by_unregistered_name_runs_after_high_and_before_low(shop: Shop, data_dir: str) -> None:
     record = shop.app.tasks["tqshop.record"]
     for i in range(3):

@@ -102,6 +102,13 @@ def test_prefetch_multiplier_above_one_warns_that_it_defeats_priority() -> None:
     assert "worker_prefetch_multiplier = 1" in finding.fix
 
 
+def test_prefetch_extra_above_one_warns_that_it_widens_the_order_bound() -> None:
+    [finding] = [f for f in check(tq_prefetch_extra=3) if f.code == "prefetch-extra-defeats-priority"]
+    assert finding.level == "warning"
+    assert "concurrency + 3" in finding.message
+    assert "prefetch-extra-defeats-priority" not in codes(check())
+
+
 def test_redis_priority_steps_that_merge_levels_are_an_error() -> None:
     findings = check(broker=REDIS_URL, broker_transport_options={"priority_steps": [0, 3, 6, 9]})
     [finding] = [f for f in findings if f.code == "redis-priority-steps"]

@@ -313,6 +313,7 @@ def test_settings_have_documented_defaults() -> None:
     assert settings.result_expires == 7 * 24 * 3600
     assert settings.max_priority >= 9
     assert settings.registry_url is None
+    assert settings.prefetch_extra == 1
 
 
 def test_settings_read_the_tq_keys_of_the_app() -> None:
@@ -328,6 +329,14 @@ def test_negative_timeout_grace_is_a_configuration_error() -> None:
     app = Celery("t")
     app.conf.update(tq_timeout_grace=-1)
     with pytest.raises(ConfigurationError, match="tq_timeout_grace"):
+        TqSettings.from_app(app)
+
+
+@pytest.mark.parametrize("extra", [-1, 1.5, "1", True])
+def test_prefetch_extra_must_be_a_non_negative_int(extra: Any) -> None:
+    app = Celery("t")
+    app.conf.update(tq_prefetch_extra=extra)
+    with pytest.raises(ConfigurationError, match="tq_prefetch_extra must be an int >= 0"):
         TqSettings.from_app(app)
 
 
