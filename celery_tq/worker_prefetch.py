@@ -8,7 +8,11 @@ reconnect. The order guarantee stays the one the presets promise: a newly arrive
 starts after at most concurrency + ``tq_prefetch_extra`` lower ones, because at most that many
 are in the worker's hands (running, reserved or on their way) when it reaches the broker.
 
-A prefetch count of 0 (no limit, ``worker_prefetch_multiplier=0``) stays unlimited.
+A prefetch count of 0 (no limit, ``worker_prefetch_multiplier=0``) stays unlimited. A worker
+without an event loop (a polling transport such as the embedded broker) reserves nothing extra:
+there Celery hands a task to a busy prefork pool with a blocking put, so a reserved task would
+stall the worker's main thread (control commands, ``celery inspect``, Flower's worker pages)
+until a pool process is free.
 """
 
 from __future__ import annotations
@@ -34,6 +38,6 @@ class ReserveExtra(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         qos = getattr(c, "qos", None)
-        if self.extra and qos is not None and qos.value:
+        if self.extra and qos is not None and qos.value and c.hub is not None:
             qos.increment_eventually(self.extra)
             qos.update()

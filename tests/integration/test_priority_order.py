@@ -70,7 +70,8 @@ def _received_while_busy(shop: Shop, data_dir: str, env: dict[str, str] | None =
         record.apply_async((f"slow{i}", 3.0), priority=Priority.LOW)
     worker = shop.start_worker(concurrency=1, env=env or {})
     _wait_for_lines(data_dir, 1)
-    time.sleep(1.0)  # the delivery after the first one has arrived; the first runs 3 s
+    time.sleep(0.5)  # the delivery after the first one has arrived; the first runs 3 s
+    assert shop.app.control.ping(timeout=1.0), "a busy worker still answers control commands"
     received = worker.log.count("] received")
     assert len(_order(data_dir)) == 1, "the first task should still be running"
     worker.stop()
@@ -78,8 +79,12 @@ def _received_while_busy(shop: Shop, data_dir: str, env: dict[str, str] | None =
 
 
 def test_a_busy_worker_holds_one_task_beyond_its_concurrency(shop: Shop, data_dir: str) -> None:
-    """tq_prefetch_extra=1: the next task is already in the worker when a process finishes."""
-    assert _received_while_busy(shop, data_dir) == 1 + 1
+    """tq_prefetch_extra=1: the next task is already in the worker when a process finishes.
+
+    Not on the embedded broker, whose worker has no event loop: Celery would block the worker's
+    main thread on a reserved task while the pool is busy (no control replies, no inspect).
+    """
+    assert _received_while_busy(shop, data_dir) == (1 if shop.kind == "embedded" else 1 + 1)
 
 
 def test_prefetch_extra_zero_holds_only_what_runs(rabbitmq_shop: Shop, data_dir: str) -> None:
