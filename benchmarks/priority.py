@@ -66,6 +66,12 @@ APP_MODULE = textwrap.dedent(
         app.conf.update(PRIORITY_SETTINGS)
     log = redis.Redis.from_url(os.environ["BENCH_LOG"])
 
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect
+    def connect_log(**kw):
+        log.ping()  # each pool process connects before its first task, whose start it records
+
     @task(name="prio.mark")
     def mark(label):
         log.rpush("started", label)
