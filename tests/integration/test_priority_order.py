@@ -71,7 +71,11 @@ def _received_while_busy(shop: Shop, data_dir: str, env: dict[str, str] | None =
     worker = shop.start_worker(concurrency=1, env=env or {})
     _wait_for_lines(data_dir, 1)
     time.sleep(0.5)  # the delivery after the first one has arrived; the first runs 3 s
-    assert shop.app.control.ping(timeout=1.0), "a busy worker still answers control commands"
+    # Its own connection, closed here: a pooled one left mid-BRPOP on Redis would hang the
+    # after-fork cleanup of processes this test run forks later.
+    with shop.app.connection_for_write() as conn:
+        replies = shop.app.control.ping(timeout=1.0, connection=conn)
+    assert replies, "a busy worker still answers control commands"
     received = worker.log.count("] received")
     assert len(_order(data_dir)) == 1, "the first task should still be running"
     worker.stop()
