@@ -201,7 +201,9 @@ class PrivateSentinels:
         old = self.primary_port()
         self.server(old).kill()
         new = self.replica.port if old == self.primary.port else self.primary.port
-        self.wait_primary(new)
+        # A sentinel that aborts its first attempt (e.g. it has not yet seen the replica as
+        # healthy on a loaded machine) tries again 2 x failover-timeout (10 s) later.
+        self.wait_primary(new, timeout=60)
         return new
 
     def stop(self) -> None:
