@@ -9,6 +9,7 @@ from celery import Celery
 from celery_tq.broker_checks import amqp_findings
 from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
+from celery_tq.settings import DEFAULTS
 from celery_tq.task import TqTask
 
 __all__ = ["Finding", "run"]
@@ -85,7 +86,7 @@ def _priority(conf: Any) -> list[Finding]:
                 "set worker_prefetch_multiplier = 1 and task_acks_late = True",
             )
         )
-    extra = conf.get("tq_prefetch_extra", 1)
+    extra = conf.get("tq_prefetch_extra", DEFAULTS["tq_prefetch_extra"])
     if isinstance(extra, int) and extra > 1:
         findings.append(
             Finding(
