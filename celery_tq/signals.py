@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import Celery, signals
@@ -36,26 +36,41 @@ _pool_child = False  # set in prefork pool processes (``worker_process_init``)
 PURGE_EVERY = 3600.0
 
 
+# The handlers of one task's run and its publishes: in a prefork pool process, the ones that
+# can only return at once there are disconnected (a Celery signal without receivers costs nothing).
+_RUN_SIGNALS = {
+    "on_published": signals.after_task_publish,
+    "on_started": signals.task_prerun,
+    "on_retry": signals.task_retry,
+    "on_success": signals.task_success,
+    "on_failure": signals.task_failure,
+    "on_revoked": signals.task_revoked,
+    "on_rejected": signals.task_rejected,
+    "on_unknown": signals.task_unknown,
+    "on_postrun": signals.task_postrun,
+}
+# Those that write nothing when the result backend is the tq backend on the registry's store.
+_BACKEND_WRITES = ("on_retry", "on_success", "on_failure", "on_revoked", "on_unknown")
+
+
 def connect(app: Celery) -> None:
     """Connect the registry's handlers for ``app`` (``weak=False``, one ``dispatch_uid`` each)."""
     uid = app.__dict__.setdefault("_tq_registry_uid", uuid.uuid4().hex)
-    recorder = _Recorder(weakref.ref(app))
+    recorder = _Recorder(weakref.ref(app), uid)
     _mark_publishes(app)
     signals.worker_process_init.connect(_in_pool_child, weak=False, dispatch_uid="tq-registry-pool-child")
+    for name, signal in _RUN_SIGNALS.items():
+        signal.connect(getattr(recorder, name), weak=False, dispatch_uid=_dispatch_uid(name, uid))
     for signal, handler in (
-        (signals.after_task_publish, recorder.on_published),
-        (signals.task_prerun, recorder.on_started),
-        (signals.task_retry, recorder.on_retry),
-        (signals.task_success, recorder.on_success),
-        (signals.task_failure, recorder.on_failure),
-        (signals.task_revoked, recorder.on_revoked),
-        (signals.task_rejected, recorder.on_rejected),
-        (signals.task_unknown, recorder.on_unknown),
-        (signals.task_postrun, recorder.on_postrun),
+        (signals.worker_process_init, recorder.on_process_init),
         (signals.worker_process_shutdown, recorder.on_process_shutdown),
         (signals.worker_ready, recorder.on_worker_ready),
     ):
-        signal.connect(handler, weak=False, dispatch_uid=f"tq-registry-{handler.__name__}-{uid}")
+        signal.connect(handler, weak=False, dispatch_uid=_dispatch_uid(handler.__name__, uid))
+
+
+def _dispatch_uid(handler: str, uid: str) -> str:
+    return f"tq-registry-{handler}-{uid}"
 
 
 def _in_pool_child(**kw: Any) -> None:
@@ -87,8 +102,9 @@ def _mark_publishes(app: Celery) -> None:
 class _Recorder:
     """The handlers of one app; every handler returns at once for another app's tasks."""
 
-    def __init__(self, app_ref: weakref.ref[Celery]) -> None:
+    def __init__(self, app_ref: weakref.ref[Celery], uid: str) -> None:
         self.app_ref = app_ref
+        self.uid = uid
         self._run = threading.local()  # (task id, target) of the task running in this thread
         self._frozen: tuple[Store, bool] | bool | None = False  # a pool process's answer, once known
 
@@ -229,6 +245,25 @@ class _Recorder:
         if self._target(getattr(sender, "app", None), task_id) is not None:
             flush_all()  # what the task published is recorded before the next one runs
         self._run.value = None
+
+    def on_process_init(self, **kw: Any) -> None:
+        """A prefork pool process: its configuration is fixed, so is what each handler does."""
+        _in_pool_child()
+        app = self.app_ref()
+        if app is None:
+            return
+        try:
+            target = self._target(app)
+        except Exception:  # the first task's handlers report it, as before
+            return
+        if target is None:
+            idle: Iterable[str] = _RUN_SIGNALS  # records nobody could read: none are kept
+        elif target[1]:
+            idle = _BACKEND_WRITES  # the tq backend's own write is the record
+        else:
+            return
+        for name in idle:
+            _RUN_SIGNALS[name].disconnect(dispatch_uid=_dispatch_uid(name, self.uid))
 
     def on_process_shutdown(self, **kw: Any) -> None:
         flush_all()

@@ -62,6 +62,7 @@ class TqTask(Task):  # type: ignore[type-arg]
     tq_timeout: ClassVar[float | None] = None
     tq_tags: ClassVar[Iterable[str]] = ()
     tq_metadata: ClassVar[TaskMetadata] = TaskMetadata()
+    _tq_direct_run: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -71,6 +72,7 @@ class TqTask(Task):  # type: ignore[type-arg]
         cls.tq_metadata = TaskMetadata(
             priority=priority, timeout=timeout, tags=cls.tq_metadata.tags | frozenset(cls.tq_tags)
         )
+        cls._tq_direct_run = super().__call__ is Task.__call__
 
     @property
     def metadata(self) -> TaskMetadata:
@@ -106,6 +108,16 @@ class TqTask(Task):  # type: ignore[type-arg]
         options = call_options(self.tq_metadata, options)
         return super().apply_async(args, kwargs, task_id, **options)
 
+    def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:  # type: ignore[override]
+        """Run here and now (also ``apply_async`` with ``task_always_eager``), with the call's
+        metadata in the run's headers, where a worker finds it in a message."""
+        options = call_options(self.tq_metadata, options)
+        metadata = self.tq_metadata.merged(
+            priority=options["priority"], timeout=options.pop("tq_timeout"), tags=options.pop("tq_tags")
+        )
+        options["headers"] = {**(options.get("headers") or {}), **metadata.to_headers()}
+        return super().apply(args, kwargs, **options)
+
     def signature_from_request(self, request: Any = None, *args: Any, **kwargs: Any) -> Any:
         # A retry re-sends with the broker's (translated) priority; put ours back.
         signature = super().signature_from_request(request, *args, **kwargs)
@@ -116,22 +128,14 @@ class TqTask(Task):  # type: ignore[type-arg]
         return signature
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.request.called_directly:
-            return self.run(*args, **kwargs)
         request = self.request
+        if request.called_directly:
+            return self.run(*args, **kwargs)
         timeout = self._run_timeout(request)
-        grace = TqSettings.from_app(self.app).timeout_grace if timeout else 0.0
-
-        def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
-            error = TaskTimeout(self.name, timeout or 0.0)
-            self.backend.mark_as_failure(str(request.id), error, request=request)
-
         try:
-            with timeouts.enforce(timeout, grace, fail_hard_timeout) as clock:
-                result = super().__call__(*args, **kwargs)
-            if clock.hard_expired:
-                raise TaskTimeout(self.name, timeout or 0.0)
-            return result
+            if timeout is None:
+                return self._invoke(args, kwargs)
+            return self._invoke_timed(request, timeout, args, kwargs)
         except TaskPredicate:
             raise  # Retry, Ignore, Reject: Celery's control flow
         except Exception as exc:
@@ -142,6 +146,30 @@ class TqTask(Task):  # type: ignore[type-arg]
             if error is exc:
                 raise
             raise error from exc
+
+    def _invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The run. Celery's tracer has pushed this run's task and request already, and calls
+        ``run`` directly for a task without its own ``__call__``; so do we, unless a class after
+        ``TqTask`` in the MRO has a ``__call__`` of its own (``Task.__call__`` would push the
+        request a second time)."""
+        if self._tq_direct_run:
+            return self.run(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _invoke_timed(
+        self, request: Any, timeout: float, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        grace = TqSettings.from_app(self.app).timeout_grace
+
+        def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
+            error = TaskTimeout(self.name, timeout)
+            self.backend.mark_as_failure(str(request.id), error, request=request)
+
+        with timeouts.enforce(timeout, grace, fail_hard_timeout) as clock:
+            result = self._invoke(args, kwargs)
+        if clock.hard_expired:
+            raise TaskTimeout(self.name, timeout)
+        return result
 
     def _may_retry(self) -> bool:
         if self.request.is_eager:

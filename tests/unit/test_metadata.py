@@ -466,3 +466,31 @@ def test_invalid_priority_is_refused_when_sending_a_task_by_name(app: Celery) ->
     with pytest.raises(MetadataError):
         tq.submit(charge.name, 5, priority=10)
     assert queued(app) == 0
+
+
+# --- runs in the caller's process (apply, task_always_eager) --------------------------------------
+
+
+def test_an_eager_run_sees_the_metadata_of_its_call(app: Celery) -> None:
+    app.conf.task_always_eager = True
+
+    @app.task(base=TqTask, bind=True, name="t.seen", tq_tags=["shop"])
+    def seen(self: TqTask) -> tuple[str | None, int, float | None, list[str]]:
+        metadata = self.metadata
+        return self.request.id, metadata.priority, metadata.timeout, sorted(metadata.tags)
+
+    result = seen.apply_async(priority=Priority.HIGH, timeout=5, tags=["billing"])
+    assert result.get() == (result.id, 7, 5.0, ["billing", "shop"])
+    assert seen.apply().get()[1:] == (5, None, ["shop"])
+
+
+def test_an_eager_run_with_a_priority_of_ten_is_refused_before_it_runs(app: Celery) -> None:
+    ran: list[int] = []
+
+    @app.task(base=TqTask, name="t.never")
+    def never() -> None:
+        ran.append(1)
+
+    with pytest.raises(MetadataError, match="priority"):
+        never.apply(priority=10)
+    assert ran == []
