@@ -77,12 +77,18 @@ def _priority(conf: Any) -> list[Finding]:
                 )
             )
     if (conf.worker_prefetch_multiplier or 0) > 1:
+        stall = (
+            "; on the embedded broker a worker holding more tasks than pool processes also answers "
+            "control commands (ping, inspect, Flower) only when a running task ends"
+            if kind == "embedded"
+            else ""
+        )
         findings.append(
             Finding(
                 "warning",
                 "prefetch-defeats-priority",
                 f"worker_prefetch_multiplier={conf.worker_prefetch_multiplier}: each worker "
-                "reserves tasks before it sees more urgent ones",
+                f"reserves tasks before it sees more urgent ones{stall}",
                 "set worker_prefetch_multiplier = 1 and task_acks_late = True",
             )
         )

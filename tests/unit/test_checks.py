@@ -100,6 +100,13 @@ def test_prefetch_multiplier_above_one_warns_that_it_defeats_priority() -> None:
     assert finding.level == "warning"
     assert "4" in finding.message
     assert "worker_prefetch_multiplier = 1" in finding.fix
+    assert "control commands" in finding.message  # development: the embedded broker
+
+
+def test_prefetch_multiplier_above_one_on_rabbitmq_only_warns_about_order() -> None:
+    findings = check("production", broker=AMQP_URL, worker_prefetch_multiplier=4)
+    [finding] = [f for f in findings if f.code == "prefetch-defeats-priority"]
+    assert "control commands" not in finding.message
 
 
 def test_prefetch_extra_above_one_warns_that_it_widens_the_order_bound() -> None:

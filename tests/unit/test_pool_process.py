@@ -87,4 +87,3 @@ def test_a_call_of_a_base_class_after_tqtask_in_the_mro_still_wraps_each_run(app
     result = add.apply((2, 3))
     assert result.get() == 5
     assert wrapped == [result.id]
-
