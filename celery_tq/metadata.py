@@ -97,6 +97,18 @@ class TaskMetadata:
             tags=self.tags | validate_tags(tags),
         )
 
+    def merged_with_call(self, options: dict[str, Any]) -> TaskMetadata:
+        """:meth:`merged` with a call's options: its ``priority``, its ``timeout`` (else
+        ``tq_timeout``) and its ``tags`` (else ``tq_tags``); the last two are taken out of
+        ``options``, where Celery would read ``timeout`` as its publish timeout."""
+        tags = options.pop("tags", None)
+        if tags is None:
+            tags = options.pop("tq_tags", None)
+        timeout = options.pop("timeout", None)
+        if timeout is None:
+            timeout = options.pop("tq_timeout", None)
+        return self.merged(priority=options.get("priority"), timeout=timeout, tags=tags)
+
     def to_headers(self) -> dict[str, Any]:
         return {
             HEADER_PRIORITY: self.priority,

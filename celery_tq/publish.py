@@ -33,17 +33,9 @@ def _defaults_for(app: Celery, name: str) -> TaskMetadata:
 def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
     def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:
         headers, _properties, _body, sent_event = message
-        tags = options.pop("tags", None)
-        if tags is None:
-            tags = options.pop("tq_tags", None)
-        timeout = options.pop("timeout", None)
-        if timeout is None:
-            timeout = options.pop("tq_timeout", None)
+        metadata = _defaults_for(app, name).merged_with_call(options)
         if "publish_timeout" in options:
             options["timeout"] = options.pop("publish_timeout")
-        metadata = _defaults_for(app, name).merged(
-            priority=options.pop("priority", None), timeout=timeout, tags=tags
-        )
         headers.update(metadata.to_headers())
         if metadata.timeout is not None and not any(headers.get("timelimit") or ()):
             headers["timelimit"] = [metadata.timeout + settings.timeout_grace, metadata.timeout]

@@ -58,7 +58,6 @@ def connect(app: Celery) -> None:
     uid = app.__dict__.setdefault("_tq_registry_uid", uuid.uuid4().hex)
     recorder = _Recorder(weakref.ref(app), uid)
     _mark_publishes(app)
-    signals.worker_process_init.connect(_in_pool_child, weak=False, dispatch_uid="tq-registry-pool-child")
     for name, signal in _RUN_SIGNALS.items():
         signal.connect(getattr(recorder, name), weak=False, dispatch_uid=_dispatch_uid(name, uid))
     for signal, handler in (
@@ -71,11 +70,6 @@ def connect(app: Celery) -> None:
 
 def _dispatch_uid(handler: str, uid: str) -> str:
     return f"tq-registry-{handler}-{uid}"
-
-
-def _in_pool_child(**kw: Any) -> None:
-    global _pool_child
-    _pool_child = True
 
 
 def _mark_publishes(app: Celery) -> None:
@@ -248,7 +242,8 @@ class _Recorder:
 
     def on_process_init(self, **kw: Any) -> None:
         """A prefork pool process: its configuration is fixed, so is what each handler does."""
-        _in_pool_child()
+        global _pool_child
+        _pool_child = True
         app = self.app_ref()
         if app is None:
             return

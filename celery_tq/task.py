@@ -24,13 +24,7 @@ def call_options(metadata: TaskMetadata, options: dict[str, Any]) -> dict[str, A
     run timeout for its publish timeout; the publisher turns them into headers.
     """
     options = dict(options)
-    tags = options.pop("tags", None)
-    timeout = options.pop("timeout", None)
-    if tags is None:
-        tags = options.pop("tq_tags", None)
-    if timeout is None:
-        timeout = options.pop("tq_timeout", None)
-    effective = metadata.merged(priority=options.get("priority"), timeout=timeout, tags=tags)
+    effective = metadata.merged_with_call(options)
     options["priority"] = effective.priority
     options["tq_timeout"] = effective.timeout
     options["tq_tags"] = sorted(effective.tags)
@@ -79,28 +73,28 @@ class TqTask(Task):  # type: ignore[type-arg]
         """The effective metadata of the current run (or the task's defaults outside a run)."""
         request = self.request
         cached: TaskMetadata | None = vars(request).get("_tq_metadata")
-        if cached is not None:
-            return cached
-        metadata = self._metadata_of(request)
-        if getattr(request, "id", None):  # a run's context: the same metadata until it ends
-            vars(request)["_tq_metadata"] = metadata
-        return metadata
+        return cached if cached is not None else self._metadata_of(request, _tq_values(request))
 
     def _run_timeout(self, request: Any) -> float | None:
         """The run's timeout; only a set one costs building (and validating) the metadata."""
         values = _tq_values(request)
         timeout = self.tq_metadata.timeout if values is None else values.get(HEADER_TIMEOUT)
-        return None if timeout is None else self.metadata.timeout
+        return None if timeout is None else self._metadata_of(request, values).timeout
 
-    def _metadata_of(self, request: Any) -> TaskMetadata:
-        values = _tq_values(request)
+    def _metadata_of(self, request: Any, values: dict[str, Any] | None) -> TaskMetadata:
+        """The metadata of ``request``'s run, from its ``tq_*`` values; kept on a run's context
+        (one with an id) until the run ends."""
         if values is None:
-            return self.tq_metadata
-        return TaskMetadata(
-            priority=values.get(HEADER_PRIORITY, self.tq_metadata.priority),
-            timeout=values.get(HEADER_TIMEOUT),
-            tags=frozenset(values.get(HEADER_TAGS) or ()),
-        )
+            metadata = self.tq_metadata
+        else:
+            metadata = TaskMetadata(
+                priority=values.get(HEADER_PRIORITY, self.tq_metadata.priority),
+                timeout=values.get(HEADER_TIMEOUT),
+                tags=frozenset(values.get(HEADER_TAGS) or ()),
+            )
+        if getattr(request, "id", None):
+            vars(request)["_tq_metadata"] = metadata
+        return metadata
 
     def apply_async(  # type: ignore[override]
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
@@ -111,10 +105,9 @@ class TqTask(Task):  # type: ignore[type-arg]
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:  # type: ignore[override]
         """Run here and now (also ``apply_async`` with ``task_always_eager``), with the call's
         metadata in the run's headers, where a worker finds it in a message."""
-        options = call_options(self.tq_metadata, options)
-        metadata = self.tq_metadata.merged(
-            priority=options["priority"], timeout=options.pop("tq_timeout"), tags=options.pop("tq_tags")
-        )
+        options = dict(options)
+        metadata = self.tq_metadata.merged_with_call(options)
+        options["priority"] = metadata.priority
         options["headers"] = {**(options.get("headers") or {}), **metadata.to_headers()}
         return super().apply(args, kwargs, **options)
 
