@@ -9,8 +9,10 @@ For each broker and system, in the same run:
   and the delay in ms from before the send;
 - throughput: T no-op tasks drained (tasks/s), celery-tq with random priorities vs plain Celery
   without priorities (defaults), and vs plain Celery with only the settings priorities need
-  (prefetch 1, late ack, a priority queue, random priorities); celery-tq also with task events
-  off (what it costs when no Flower watches); a ratio is the median over the rounds.
+  (prefetch 1, late ack, a priority queue, random priorities); celery-tq also with a monitor
+  listening to task events (an EventReceiver in this process, as Flower would be; without one,
+  the worker pauses its task events) and with task events off in its configuration; a ratio is
+  the median over the rounds.
 
 celery-tq runs the production preset (on Redis with its tq+redis:// transport); no result
 backend, so the registry's cost is not in these figures (see benchmarks/registry.py).
@@ -29,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +97,8 @@ QUEUES = ("celery", "celery.prio", "tq.default")
 THROUGHPUT_ROWS = {
     "plain": "plain Celery, defaults",
     "plain-prio": "plain Celery, priority settings",
-    "tq": "celery-tq (production preset: task events on for Flower)",
+    "tq": "celery-tq (production preset; no monitor listening, task events paused)",
+    "tq-watched": "celery-tq, a monitor listening to task events (as with Flower open)",
     "tq-noevents": "celery-tq, task events off",
 }
 
@@ -205,12 +210,35 @@ class Bench:
             for i in range(n):
                 options: dict[str, Any] = {"priority": rng.randint(0, 9)} if mode != "plain" else {}
                 app.send_task("prio.mark", (f"t{i}",), producer=producer, **options)
-        with self.worker(mode):
+        with self.monitor(app) if mode == "tq-watched" else contextlib.nullcontext(), self.worker(mode):
             ready = time.monotonic()
             self.wait(n)
             rate = n / (time.monotonic() - ready)
         app.close()
         return rate
+
+    @contextlib.contextmanager
+    def monitor(self, app: Celery) -> Iterator[None]:
+        """A task-event monitor in a thread, as Flower has: it asks workers for a heartbeat."""
+        listening, stop = threading.Event(), threading.Event()
+
+        def capture() -> None:
+            with app.connection_for_read() as conn:
+                receiver = app.events.Receiver(conn, handlers={"*": lambda event: None})
+                receiver.on_iteration = lambda: (
+                    listening.set(),
+                    setattr(receiver, "should_stop", stop.is_set()),
+                )
+                receiver.capture(limit=None, timeout=None, wakeup=True)
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        listening.wait(10)
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(10)
 
 
 def ratio(rates: list[float], base: list[float]) -> float:

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_event_flush_interval": 0.1,
     "tq_event_batch": 200,
     "tq_prefetch_extra": 1,
+    "tq_pause_unwatched_events": True,
 }
 
 
@@ -48,6 +49,7 @@ class TqSettings:
     event_flush_interval: float
     event_batch: int
     prefetch_extra: int
+    pause_unwatched_events: bool
 
     @classmethod
     def from_app(cls, app: Celery) -> TqSettings:

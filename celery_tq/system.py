@@ -22,6 +22,7 @@ from celery_tq.routing import PriorityRouter, broker_kind, queues_for
 from celery_tq.settings import TqSettings
 from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
+from celery_tq.watched_events import WatchedEvents
 from celery_tq.worker_events import BatchedEvents
 from celery_tq.worker_prefetch import ReserveExtra
 
@@ -171,6 +172,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     signals_module.connect(app)
     app.steps["consumer"].add(BatchedEvents)
     app.steps["consumer"].add(ReserveExtra)
+    app.steps["consumer"].add(WatchedEvents)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(
         lambda sender, **kw: _configure(sender, preset_settings),

@@ -227,6 +227,34 @@ def test_flower_shows_state_tags_and_priority_and_finds_tasks_by_tag(
     )
 
 
+@pytest.mark.rabbitmq
+def test_flower_started_beside_an_unwatched_rabbitmq_worker_shows_its_new_tasks(
+    rabbitmq_shop: Shop, start_flower: StartFlower
+) -> None:
+    """With nobody listening the worker pauses its task events; Flower connecting resumes them."""
+    worker = rabbitmq_shop.start_worker()
+    before = rabbitmq_shop.app.tasks["tqshop.add"].delay(1, 1)
+    assert before.get(timeout=30) == 2
+    deadline = time.monotonic() + 10
+    while "Task events paused" not in worker.log and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "Task events paused" in worker.log
+
+    flower = start_flower(rabbitmq_shop.broker_url, rabbitmq_shop.result_backend, env=DEVELOPMENT)
+    flower.wait_for("its monitor to reach the worker", lambda: "Task events resumed" in worker.log)
+    task = rabbitmq_shop.app.tasks["tqshop.echo_meta"].apply_async(("seen",), priority=7, tags={"vip"})
+    assert task.get(timeout=30)["priority"] == 7
+
+    def info() -> dict[str, Any] | None:
+        status, body = flower.get(f"/api/task/info/{task.id}")
+        shown = json.loads(body) if status == 200 else None
+        return shown if shown and shown["state"] == "SUCCESS" else None
+
+    shown = flower.wait_for("the task sent after it connected", info)
+    assert shown["kwargs"] == "{} [tq priority=7 tags=billing,vip timeout=30]"
+    assert shown["received"] and shown["started"]
+
+
 def test_production_without_credentials_refuses_to_start(
     embedded_shop: Shop, start_flower: StartFlower
 ) -> None:

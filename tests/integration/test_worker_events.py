@@ -2,7 +2,9 @@
 
 On RabbitMQ with ``confirm_publish`` (the production preset), a monitor still sees every task
 event, including those of the last tasks before a warm shutdown; the event channel never enters
-confirm mode, while task messages keep their confirms.
+confirm mode, while task messages keep their confirms. While no monitor listens, the worker
+pauses its task events; one that connects sees them again at once (``wakeup``, as Flower and
+``celery events`` do) or within a heartbeat (a plain queue on the event exchange).
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ def test_unconfirm_leaves_producers_without_confirms_alone(rabbitmq_vhost: str) 
         producer.publish({"n": 1}, routing_key="tq-nowhere")
 
 
-def _monitor(app: Celery, seen: dict[str, set[str]], ready: threading.Event, stop: threading.Event) -> None:
+def _monitor(
+    app: Celery,
+    seen: dict[str, set[str]],
+    ready: threading.Event,
+    stop: threading.Event,
+    wakeup: bool = False,
+) -> None:
     def on_event(event: dict[str, Any]) -> None:
         if "uuid" in event:
             seen.setdefault(event["type"], set()).add(event["uuid"])
@@ -51,7 +59,7 @@ def _monitor(app: Celery, seen: dict[str, set[str]], ready: threading.Event, sto
     with app.connection_for_read() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": on_event})
         receiver.on_iteration = lambda: (ready.set(), setattr(receiver, "should_stop", stop.is_set()))
-        receiver.capture(limit=None, timeout=None, wakeup=False)  # drains until should_stop
+        receiver.capture(limit=None, timeout=None, wakeup=wakeup)  # drains until should_stop
 
 
 def _wait(predicate: Any, timeout: float = 20) -> bool:
@@ -90,3 +98,69 @@ def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown
     finally:
         stop.set()
         monitor.join(5)
+
+
+class _Monitor:
+    """A task-event monitor in a thread, as a context manager; ``seen[type]`` = task ids."""
+
+    def __init__(self, app: Celery, wakeup: bool) -> None:
+        self.seen: dict[str, set[str]] = {}
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(
+            target=_monitor, args=(app, self.seen, self.ready, self.stop, wakeup), daemon=True
+        )
+
+    def __enter__(self) -> _Monitor:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+    def saw_all_events_of(self, ids: list[str]) -> bool:
+        kinds = ("task-received", "task-started", "task-succeeded")
+        return all(set(ids) <= self.seen.get(kind, set()) for kind in kinds)
+
+
+def _run(app: Celery, count: int) -> list[str]:
+    add = app.tasks["tqshop.add"]
+    ids = [add.delay(i, 1).id for i in range(count)]
+    assert [app.AsyncResult(i).get(timeout=30) for i in ids] == [i + 1 for i in range(count)]
+    return ids
+
+
+PAUSED, RESUMED = "Task events paused", "Task events resumed"
+
+
+def test_task_events_pause_with_no_monitor_and_resume_when_one_connects(rabbitmq_shop: Shop) -> None:
+    app = rabbitmq_shop.app
+    worker = rabbitmq_shop.start_worker()
+    assert _wait(lambda: PAUSED in worker.log, timeout=10)  # the first heartbeat found no listener
+    _run(app, 5)
+
+    with _Monitor(app, wakeup=True) as flower_like:  # Flower and `celery events` ask for a heartbeat
+        assert _wait(lambda: RESUMED in worker.log, timeout=5)
+        ids = _run(app, 10)
+        assert _wait(lambda: flower_like.saw_all_events_of(ids))
+
+    assert _wait(lambda: worker.log.count(PAUSED) == 2, timeout=10)  # the monitor left
+    _run(app, 5)
+    with _Monitor(app, wakeup=False) as plain_queue:  # no wakeup: the next heartbeat finds it
+        assert _wait(lambda: worker.log.count(RESUMED) == 2, timeout=10)
+        ids = _run(app, 10)
+        assert _wait(lambda: plain_queue.saw_all_events_of(ids))
+    assert "Traceback" not in worker.log
+
+
+def test_task_events_stay_on_when_pausing_is_turned_off(rabbitmq_shop: Shop) -> None:
+    app = rabbitmq_shop.app
+    conf = {"tq_pause_unwatched_events": False}
+    worker = rabbitmq_shop.start_worker(env={"TQSHOP_CONF": json.dumps(conf)})
+    _run(app, 3)
+    time.sleep(5)  # two heartbeats with nobody listening
+    with _Monitor(app, wakeup=False) as monitor:
+        ids = _run(app, 5)
+        assert _wait(lambda: monitor.saw_all_events_of(ids))
+    assert PAUSED not in worker.log

@@ -1,0 +1,141 @@
+"""Task events only while a monitor listens: a consumer bootstep (RabbitMQ).
+
+With task events on (the presets turn them on for Flower), Celery's worker builds, serializes
+and publishes three events per task whether or not anything consumes them; with no monitor
+connected, RabbitMQ drops them at the exchange. On a busy worker that is about a tenth of the
+machine's CPU (``benchmarks/priority.py``).
+
+:class:`WatchedEvents` publishes the worker's own events (``worker-online``, the
+``worker-heartbeat`` every 2 s, ``worker-offline``) with the ``mandatory`` flag, on a channel of
+the event connection that waits for the broker's confirm. When RabbitMQ returns one as
+unroutable, no queue is bound to the event exchange, so nobody is listening: the worker pauses
+its task events with Celery's own switch (the ``task`` event group, as ``celery control
+disable_events`` does). The first worker event that is routed resumes them. A monitor that
+connects (Flower, ``celery events``, an ``EventReceiver`` capturing with ``wakeup=True``)
+broadcasts ``heartbeat`` to the workers at once, so it sees task events from within a round trip
+of connecting; any other consumer of the event exchange within one heartbeat interval.
+
+Nothing changes for a worker whose task events are off, on other transports, or with
+``tq_pause_unwatched_events = False``. If a probe fails or times out (a broker under a memory
+alarm blocks publishers), task events stay on and probing pauses for a minute; the next probe
+uses a new channel, so a late confirm cannot answer it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import bootsteps
+from kombu import Producer
+
+from celery_tq.settings import TqSettings
+
+__all__ = ["WatchedEvents"]
+
+logger = logging.getLogger("celery_tq")
+
+CONFIRM_TIMEOUT = 1.0  # seconds a probe waits for the broker's confirm
+BACKOFF = 60.0  # seconds without probes after one failed
+
+
+class _Probe:
+    """Publishes worker events as probes and switches the dispatcher's task events."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+        self.publish_plain = dispatcher._publish
+        self.watched = True  # until a probe says otherwise
+        self.paused_task_group = False
+        self.producer: Any = None  # a kombu Producer on the probe channel
+        self.returned = False
+        self.resume_probing_at = 0.0
+
+    def publish(self, event: Any, producer: Any, routing_key: str, *args: Any, **kwargs: Any) -> Any:
+        """The dispatcher's ``_publish``: worker events are probes, task events go as before."""
+        if not routing_key.startswith("worker.") or time.monotonic() < self.resume_probing_at:
+            return self.publish_plain(event, producer, routing_key, *args, **kwargs)
+        try:
+            routed = self._probe(event, routing_key)
+        except Exception as exc:  # any failure: stay on, publish as Celery would
+            logger.debug("task event probe failed (%r); task events stay on", exc)
+            self.producer = None  # a late confirm must not answer the next probe: a new channel
+            self.resume_probing_at = time.monotonic() + BACKOFF
+            self._set_watched(True)
+            return self.publish_plain(event, producer, routing_key, *args, **kwargs)
+        self._set_watched(routed)
+        return None
+
+    def _probe(self, event: Any, routing_key: str) -> bool:
+        """Publish ``event`` mandatory and confirmed; True if a queue took it."""
+        dispatcher = self.dispatcher
+        if self.producer is None:
+            channel = dispatcher.producer.connection.channel()
+            channel.events["basic_return"].add(lambda *args: self._on_return(channel))
+            channel.basic_publish = channel.basic_publish_confirm
+            self.producer = Producer(channel, exchange=dispatcher.exchange, serializer=dispatcher.serializer)
+        self.returned = False
+        self.producer.publish(
+            event,
+            routing_key=routing_key,
+            exchange=dispatcher.exchange.name,
+            declare=[dispatcher.exchange],
+            headers=dispatcher.headers,
+            delivery_mode=dispatcher.delivery_mode,
+            mandatory=True,
+            confirm_timeout=CONFIRM_TIMEOUT,
+        )
+        return not self.returned  # RabbitMQ sends basic.return before the confirm
+
+    def _on_return(self, channel: Any) -> None:
+        if self.producer is not None and self.producer.channel is channel:  # not a dropped channel's
+            self.returned = True
+
+    def _set_watched(self, watched: bool) -> None:
+        if watched == self.watched:
+            return
+        self.watched = watched
+        groups = self.dispatcher.groups
+        if not watched:
+            self.paused_task_group = not groups or "task" in groups
+            if self.paused_task_group:
+                groups.discard("task")
+                groups.add("worker")
+                logger.info("Task events paused: no monitor is listening (they resume when one connects)")
+        elif self.paused_task_group:
+            self.paused_task_group = False
+            groups.add("task")
+            logger.info("Task events resumed: a monitor is listening")
+
+
+class WatchedEvents(bootsteps.StartStopStep):
+    """Consumer step: task events pause while no monitor listens (py-amqp only)."""
+
+    requires = ("celery.worker.consumer.events:Events",)
+    label = "tq-watched-events"
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.on = bool(TqSettings.from_app(c.app).pause_unwatched_events)
+        self.probe: _Probe | None = None
+
+    def start(self, c: Any) -> None:
+        dispatcher = getattr(c, "event_dispatcher", None)
+        if not self.on or dispatcher is None or not dispatcher.enabled or dispatcher.groups:
+            return  # task events off, or filtered by the user: Celery's choice stands
+        producer = dispatcher.producer
+        channel = getattr(producer, "channel", None)
+        if channel is None or not hasattr(type(channel), "basic_publish_confirm"):
+            return  # not py-amqp: no mandatory flag with confirms to learn from
+        self.probe = _Probe(dispatcher)
+        dispatcher._publish = self.probe.publish
+
+    def stop(self, c: Any) -> None:
+        # The probe channel closes with the dispatcher's connection (Celery's Events step closes
+        # it); closing it here would wait for the broker's reply, and a blocked broker never sends one.
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            probe.dispatcher.__dict__.pop("_publish", None)  # worker-offline goes as Celery sends it
+
+    shutdown = stop
