@@ -97,7 +97,7 @@ QUEUES = ("celery", "celery.prio", "tq.default")
 THROUGHPUT_ROWS = {
     "plain": "plain Celery, defaults",
     "plain-prio": "plain Celery, priority settings",
-    "tq": "celery-tq (production preset; no monitor listening, task events paused)",
+    "tq": "celery-tq (production preset), no monitor connected",
     "tq-watched": "celery-tq, a monitor listening to task events (as with Flower open)",
     "tq-noevents": "celery-tq, task events off",
 }

@@ -2,8 +2,8 @@
 
 With task events on (the presets turn them on for Flower), Celery's worker builds, serializes
 and publishes three events per task whether or not anything consumes them; with no monitor
-connected, RabbitMQ drops them at the exchange. On a busy worker that is about a tenth of the
-machine's CPU (``benchmarks/priority.py``).
+connected, RabbitMQ drops them at the exchange. On a busy worker that work costs throughput
+(``benchmarks/priority.py``: "no monitor connected" against "a monitor listening").
 
 :class:`WatchedEvents` publishes the worker's own events (``worker-online``, the
 ``worker-heartbeat`` every 2 s, ``worker-offline``) with the ``mandatory`` flag, on a channel of
