@@ -233,7 +233,8 @@ class Bench:
 
         thread = threading.Thread(target=capture, daemon=True)
         thread.start()
-        listening.wait(10)
+        if not listening.wait(10):
+            raise TimeoutError("the event monitor did not start")
         try:
             yield
         finally:

@@ -45,21 +45,40 @@ def test_unconfirm_leaves_producers_without_confirms_alone(rabbitmq_vhost: str) 
         producer.publish({"n": 1}, routing_key="tq-nowhere")
 
 
-def _monitor(
-    app: Celery,
-    seen: dict[str, set[str]],
-    ready: threading.Event,
-    stop: threading.Event,
-    wakeup: bool = False,
-) -> None:
-    def on_event(event: dict[str, Any]) -> None:
-        if "uuid" in event:
-            seen.setdefault(event["type"], set()).add(event["uuid"])
+class _Monitor:
+    """A task-event monitor in a thread, as a context manager; ``seen[type]`` = task ids."""
 
-    with app.connection_for_read() as conn:
-        receiver = app.events.Receiver(conn, handlers={"*": on_event})
-        receiver.on_iteration = lambda: (ready.set(), setattr(receiver, "should_stop", stop.is_set()))
-        receiver.capture(limit=None, timeout=None, wakeup=wakeup)  # drains until should_stop
+    def __init__(self, app: Celery, wakeup: bool) -> None:
+        self.seen: dict[str, set[str]] = {}
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.app, self.wakeup = app, wakeup
+        self.thread = threading.Thread(target=self._capture, daemon=True)
+
+    def _capture(self) -> None:
+        def on_event(event: dict[str, Any]) -> None:
+            if "uuid" in event:
+                self.seen.setdefault(event["type"], set()).add(event["uuid"])
+
+        with self.app.connection_for_read() as conn:
+            receiver = self.app.events.Receiver(conn, handlers={"*": on_event})
+            receiver.on_iteration = lambda: (
+                self.ready.set(),
+                setattr(receiver, "should_stop", self.stop.is_set()),
+            )
+            receiver.capture(limit=None, timeout=None, wakeup=self.wakeup)  # drains until should_stop
+
+    def __enter__(self) -> _Monitor:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+    def saw_all_events_of(self, ids: list[str]) -> bool:
+        kinds = ("task-received", "task-started", "task-succeeded")
+        return all(set(ids) <= self.seen.get(kind, set()) for kind in kinds)
 
 
 def _wait(predicate: Any, timeout: float = 20) -> bool:
@@ -75,12 +94,8 @@ def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown
     rabbitmq_shop: Shop,
 ) -> None:
     app = rabbitmq_shop.app
-    seen: dict[str, set[str]] = {}
-    ready, stop = threading.Event(), threading.Event()
-    monitor = threading.Thread(target=_monitor, args=(app, seen, ready, stop), daemon=True)
-    monitor.start()
-    assert ready.wait(10)
-    try:
+    with _Monitor(app, wakeup=False) as monitor:
+        seen = monitor.seen
         conf = {"broker_transport_options": {"confirm_publish": True}, "tq_event_flush_interval": 3.0}
         worker = rabbitmq_shop.start_worker(env={"TQSHOP_CONF": json.dumps(conf)})
         add = app.tasks["tqshop.add"]
@@ -95,33 +110,6 @@ def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown
             app.AsyncResult(task_id).get(timeout=30)
         worker.stop()  # within the 3 s flush interval: stopping flushes what is buffered
         assert _wait(lambda: set(last) <= seen.get("task-succeeded", set()), timeout=10)
-    finally:
-        stop.set()
-        monitor.join(5)
-
-
-class _Monitor:
-    """A task-event monitor in a thread, as a context manager; ``seen[type]`` = task ids."""
-
-    def __init__(self, app: Celery, wakeup: bool) -> None:
-        self.seen: dict[str, set[str]] = {}
-        self.ready, self.stop = threading.Event(), threading.Event()
-        self.thread = threading.Thread(
-            target=_monitor, args=(app, self.seen, self.ready, self.stop, wakeup), daemon=True
-        )
-
-    def __enter__(self) -> _Monitor:
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
-
-    def saw_all_events_of(self, ids: list[str]) -> bool:
-        kinds = ("task-received", "task-started", "task-succeeded")
-        return all(set(ids) <= self.seen.get(kind, set()) for kind in kinds)
 
 
 def _run(app: Celery, count: int) -> list[str]:
