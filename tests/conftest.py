@@ -15,7 +15,11 @@ import pytest
 
 REQUIRE_SERVICES = os.environ.get("TQ_REQUIRE_SERVICES") == "1"
 REDIS_HOST = "127.0.0.1:6379"
-REDIS_BROKER_DB, REDIS_RESULT_DB = 12, 13
+# Four Redis databases from TQ_TEST_REDIS_DB_BASE (default 12): two checkouts running the suite at
+# once on one Redis give each a base of its own (0, 4, 8, 12).
+REDIS_DB_BASE = int(os.environ.get("TQ_TEST_REDIS_DB_BASE", "12"))
+REDIS_BROKER_DB, REDIS_RESULT_DB = REDIS_DB_BASE, REDIS_DB_BASE + 1
+REDIS_TRANSPORT_DB, REDIS_UNIT_DB = REDIS_DB_BASE + 2, REDIS_DB_BASE + 3
 
 
 def service_missing(name: str, why: str) -> None:

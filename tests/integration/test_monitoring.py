@@ -14,6 +14,7 @@ import pytest
 
 import celery_tq
 from celery_tq import Priority
+from tests.conftest import REDIS_RESULT_DB
 from tests.ports import free_port
 
 from .conftest import APPS, Shop
@@ -42,7 +43,8 @@ def _tq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-REDIS_REGISTRY = {"tq_registry_url": "redis://127.0.0.1:6379/13"}  # beside Celery's own redis results
+# beside Celery's own redis results
+REDIS_REGISTRY = {"tq_registry_url": f"redis://127.0.0.1:6379/{REDIS_RESULT_DB}"}
 
 
 @pytest.fixture(params=["embedded", "redis"])

@@ -21,11 +21,12 @@ import redis
 from celery import Celery
 
 from celery_tq.transport import register_transports
+from tests.conftest import REDIS_TRANSPORT_DB, REDIS_UNIT_DB
 from tests.integration.redis_runs import Run, check_complete, send
 from tests.ports import free_port
 from tests.private_redis import PrivateRedis
 
-DB = 14
+DB = REDIS_TRANSPORT_DB
 N_TASKS = 2000
 
 PROD_APP = """
@@ -149,7 +150,7 @@ def test_eta_task_not_run_twice_while_its_worker_lives(
 def test_events_inspect_ping_with_the_production_preset(
     shared_db: str, redis_host: str, run_factory: Callable[..., Run]
 ) -> None:
-    env = {"TQ_BROKER_URL": shared_db, "TQ_RESULT_BACKEND": f"redis://{redis_host}/15"}
+    env = {"TQ_BROKER_URL": shared_db, "TQ_RESULT_BACKEND": f"redis://{redis_host}/{REDIS_UNIT_DB}"}
     run = run_factory(shared_db, source=PROD_APP, env=env)
     run.worker()
     register_transports()

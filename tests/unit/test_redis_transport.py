@@ -18,10 +18,10 @@ from kombu.transport import redis as kombu_redis
 from celery_tq.errors import ConfigurationError
 from celery_tq.transport import redis as tq_redis
 from celery_tq.transport import register_transports
-from tests.conftest import service_missing
+from tests.conftest import REDIS_UNIT_DB, service_missing
 from tests.private_redis import PrivateRedis
 
-DB = 15
+DB = REDIS_UNIT_DB
 STEPS = list(range(10))
 
 
