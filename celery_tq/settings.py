@@ -31,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "tq_event_batch": 200,
     "tq_prefetch_extra": 1,
     "tq_pause_unwatched_events": True,
+    "tq_worker_lost_retries": 3,
+    "tq_worker_lost_delay": 1.0,
+    "tq_worker_lost_delay_max": 10.0,
 }
 
 
@@ -50,6 +53,9 @@ class TqSettings:
     event_batch: int
     prefetch_extra: int
     pause_unwatched_events: bool
+    worker_lost_retries: int
+    worker_lost_delay: float
+    worker_lost_delay_max: float
 
     @classmethod
     def from_app(cls, app: Celery) -> TqSettings:
@@ -64,7 +70,16 @@ class TqSettings:
         extra = values["prefetch_extra"]
         if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
             raise ConfigurationError(f"tq_prefetch_extra must be an int >= 0, not {extra!r}")
+        retries = values["worker_lost_retries"]
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"tq_worker_lost_retries must be an int >= 0, not {retries!r}")
+        if not 0 <= float(values["worker_lost_delay"]) <= float(values["worker_lost_delay_max"]):
+            raise ConfigurationError("tq_worker_lost_delay must be >= 0 s and <= tq_worker_lost_delay_max")
         return cls(**values)
+
+    def worker_lost_countdown(self, attempt: int) -> float:
+        """Seconds before re-running a task whose process died for the ``attempt``-th time (0 = first)."""
+        return float(min(self.worker_lost_delay * 2 ** min(attempt, 30), self.worker_lost_delay_max))
 
     def queues(self) -> list[str]:
         """Every queue a tq worker consumes, in band order (most urgent first)."""

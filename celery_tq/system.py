@@ -24,6 +24,7 @@ from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
 from celery_tq.watched_events import WatchedEvents
 from celery_tq.worker_events import BatchedEvents
+from celery_tq.worker_lost import WatchPoolProcesses
 from celery_tq.worker_prefetch import ReserveExtra
 
 __all__ = ["TaskQueueSystem", "install", "system_for"]
@@ -173,6 +174,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     app.steps["consumer"].add(BatchedEvents)
     app.steps["consumer"].add(ReserveExtra)
     app.steps["consumer"].add(WatchedEvents)
+    app.steps["worker"].add(WatchPoolProcesses)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(
         lambda sender, **kw: _configure(sender, preset_settings),

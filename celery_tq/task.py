@@ -56,6 +56,10 @@ class TqTask(Task):  # type: ignore[type-arg]
     tq_timeout: ClassVar[float | None] = None
     tq_tags: ClassVar[Iterable[str]] = ()
     tq_metadata: ClassVar[TaskMetadata] = TaskMetadata()
+    #: Re-runs after the task's process died; None = the ``tq_worker_lost_retries`` setting.
+    tq_worker_lost_retries: ClassVar[int | None] = None
+    #: The worker's main process handles a lost process with celery-tq's bounded, quick re-run.
+    Request = "celery_tq.worker_lost:TqRequest"
     _tq_direct_run: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -114,7 +118,8 @@ class TqTask(Task):  # type: ignore[type-arg]
     def signature_from_request(self, request: Any = None, *args: Any, **kwargs: Any) -> Any:
         # A retry re-sends with the broker's (translated) priority; put ours back.
         signature = super().signature_from_request(request, *args, **kwargs)
-        metadata = self.metadata
+        # The worker's main process re-sends a lost run with its request, not the task's own.
+        metadata = self.metadata if request is None else self._metadata_of(request, _tq_values(request))
         signature.options.update(
             priority=metadata.priority, tq_timeout=metadata.timeout, tq_tags=sorted(metadata.tags)
         )

@@ -41,6 +41,9 @@ def _urls(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[str, st
     if kind == "redis":
         broker, results = request.getfixturevalue("redis_dbs")
         return broker, results
+    if kind == "tq+redis":  # the production setup on Redis: the plugin's transport and store
+        broker, results = request.getfixturevalue("redis_dbs")
+        return f"tq+{broker}", f"tq+{results}"
     return request.getfixturevalue("rabbitmq_vhost"), sqlite_results
 
 
@@ -52,6 +55,12 @@ def shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
 @pytest.fixture
 def redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     yield from _shop("redis", request, Path(data_dir))
+
+
+@pytest.fixture(params=["tq+redis", "rabbitmq"])
+def production_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    """The two brokers of the production preset: tq+redis:// (with a tq+redis:// store) and RabbitMQ."""
+    yield from _shop(request.param, request, Path(data_dir))
 
 
 @pytest.fixture

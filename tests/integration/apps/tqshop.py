@@ -87,6 +87,16 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     def crash() -> None:
         os.kill(os.getpid(), 9)
 
+    @tq.task(name="tqshop.busy", shared=False, bind=True)
+    def busy(self: Any, label: str, seconds: float, die: bool = False) -> str:
+        """Log "<label> <pid> <retries>" to $TQ_DATA_DIR/runs.log, then work (or kill its process)."""
+        with open(os.path.join(os.environ["TQ_DATA_DIR"], "runs.log"), "a") as f:
+            f.write(f"{label} {os.getpid()} {self.request.retries} {time.time()}\n")
+        if die:
+            os.kill(os.getpid(), 9)
+        time.sleep(seconds)
+        return label
+
     @tq.task(name="tqshop.private_error", shared=False)
     def private_error() -> None:
         from tqshop_private import PrivateError  # only the worker imports this module

@@ -1,0 +1,68 @@
+"""A pool process that dies under a task: the task runs again within seconds, a bounded number of
+times, then ends as FAILURE(WorkerLost); nothing is lost and nothing finishes twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from celery_tq import errors
+
+from .conftest import Shop
+
+
+def _runs(data_dir: str, label: str) -> list[tuple[int, int, float]]:
+    log = Path(data_dir) / "runs.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [(int(p), int(r), float(t)) for lab, p, r, t in (line.split() for line in lines) if lab == label]
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_task_whose_process_is_killed_runs_again_within_five_seconds(
+    production_shop: Shop, data_dir: str
+) -> None:
+    worker = production_shop.start_worker(concurrency=2)
+    busy = production_shop.app.tasks["tqshop.busy"]
+    victim = busy.delay("victim", 3)
+    bystanders = [busy.delay(f"other{i}", 0.2) for i in range(4)]
+    _wait_for(lambda: bool(_runs(data_dir, "victim")))
+    pid, _, _ = _runs(data_dir, "victim")[0]
+    os.kill(pid, signal.SIGKILL)  # what the OOM killer does
+    killed_at = time.time()
+    assert victim.get(timeout=60) == "victim"
+    runs = _runs(data_dir, "victim")
+    assert len(runs) == 2  # the killed run and one re-run: nothing finished twice
+    assert runs[1][2] - killed_at < 5, worker.log[-2000:]
+    assert [r.get(timeout=30) for r in bystanders] == [f"other{i}" for i in range(4)]
+    record = production_shop.app.backend.get_task_meta(victim.id)
+    assert record["status"] == "SUCCESS" and record["retries"] == 1
+
+
+def test_poison_task_fails_with_worker_lost_within_a_minute(production_shop: Shop, data_dir: str) -> None:
+    production_shop.start_worker(concurrency=2)
+    started = time.monotonic()
+    poison = production_shop.app.tasks["tqshop.busy"].delay("poison", 0, die=True)
+    with pytest.raises(errors.WorkerLost) as caught:
+        poison.get(timeout=60)
+    assert time.monotonic() - started < 60
+    assert caught.value.task_name == "tqshop.busy"
+    assert len(_runs(data_dir, "poison")) == 4  # the first run and tq_worker_lost_retries (3) more
+    assert production_shop.app.tasks["tqshop.add"].delay(1, 2).get(timeout=30) == 3  # the worker goes on
+
+
+def test_worker_lost_retries_are_configurable(redis_shop: Shop, data_dir: str) -> None:
+    redis_shop.start_worker(env={"TQSHOP_CONF": '{"tq_worker_lost_retries": 1, "tq_worker_lost_delay": 0.2}'})
+    poison = redis_shop.app.tasks["tqshop.busy"].delay("poison", 0, die=True)
+    with pytest.raises(errors.WorkerLost):
+        poison.get(timeout=60)
+    assert [retries for _, retries, _ in _runs(data_dir, "poison")] == [0, 1]
