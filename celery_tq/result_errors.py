@@ -28,8 +28,7 @@ class StructuredErrorsMixin:
         # with Celery's own exceptions; the caller gets ours.
         if isinstance(result, BaseException):
             task_name = str(getattr(request, "task", None) or getattr(request, "name", "") or "")
-            limits = getattr(request, "timelimit", None) or (None, None)
-            converted = error_codec.convert(result, task_name, limits[1])  # declared (soft) limit
+            converted = error_codec.convert(result, task_name, self._declared_limit(task_name, request))
             if converted is not result and isinstance(traceback, str):
                 converted.remote_traceback = traceback  # type: ignore[attr-defined]
             result = converted
@@ -37,6 +36,13 @@ class StructuredErrorsMixin:
         return super().store_result(  # type: ignore[misc]
             task_id, result, state, traceback, request, **kwargs
         )
+
+    def _declared_limit(self, task_name: str, request: Any) -> float | None:
+        """The run's soft limit (the declared timeout): the message's, else the task's own."""
+        hard, soft = getattr(request, "timelimit", None) or (None, None)
+        task = getattr(self, "app", None) and self.app.tasks.get(task_name)  # type: ignore[attr-defined]
+        limit = soft or getattr(task, "soft_time_limit", None) or hard or getattr(task, "time_limit", None)
+        return float(limit) if limit else None
 
     def prepare_exception(self, exc: BaseException, serializer: str | None = None) -> Any:
         prepared = super().prepare_exception(exc, serializer)  # type: ignore[misc]

@@ -137,13 +137,20 @@ class TqTask(Task):  # type: ignore[type-arg]
         except TaskPredicate:
             raise  # Retry, Ignore, Reject: Celery's control flow
         except Exception as exc:
-            error = error_codec.convert(exc, self.name, timeout)
+            limit = timeout if timeout is not None else self._celery_time_limit(request)
+            error = error_codec.convert(exc, self.name, limit)
             assert isinstance(error, Exception)
             if getattr(error, "retryable", False) and self._may_retry():
                 raise self.retry(exc=error, countdown=self._backoff(TqSettings.from_app(self.app))) from None
             if error is exc:
                 raise
             raise error from exc
+
+    def _celery_time_limit(self, request: Any) -> float | None:
+        """Celery's own limit of this run (soft, else hard): the call's, else the task's."""
+        hard, soft = getattr(request, "timelimit", None) or (None, None)
+        limit = soft or self.soft_time_limit or hard or self.time_limit
+        return float(limit) if limit else None
 
     def _invoke(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The run. Celery's tracer has pushed this run's task and request already, and calls

@@ -54,3 +54,11 @@ def test_in_process_worker_enforces_timeouts(data_dir: str) -> None:
             tq.wait_for_result(tq.submit(spin), timeout=20)
     finally:
         tq.shutdown()
+
+
+def test_celery_time_limit_on_prefork_reports_the_real_limit(redis_shop: Shop) -> None:
+    redis_shop.start_worker(pool="prefork")
+    with pytest.raises(errors.TaskTimeout) as caught:
+        redis_shop.app.tasks["tqshop.celery_limited"].delay(20).get(timeout=30)
+    assert caught.value.duration == 1  # the task's soft_time_limit, not "0s"
+    assert "exceeded its timeout of 1s" in str(caught.value)

@@ -97,6 +97,12 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         time.sleep(seconds)
         return label
 
+    @tq.task(name="tqshop.celery_limited", shared=False, soft_time_limit=1, time_limit=3)
+    def celery_limited(seconds: float) -> float:
+        """Celery's own time limits, no tq timeout."""
+        time.sleep(seconds)
+        return seconds
+
     @tq.task(name="tqshop.private_error", shared=False)
     def private_error() -> None:
         from tqshop_private import PrivateError  # only the worker imports this module
