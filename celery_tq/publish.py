@@ -16,7 +16,7 @@ from kombu.exceptions import EncodeError
 from celery_tq.errors import InvalidInput
 from celery_tq.metadata import TaskMetadata
 from celery_tq.routing import to_broker_priority
-from celery_tq.settings import TqSettings
+from celery_tq.settings import TqSettings, refuse_pickle
 
 __all__ = ["wire_publisher"]
 
@@ -62,6 +62,7 @@ def wire_publisher(app: Celery) -> None:
     create = amqp._create_task_sender
 
     def _create_task_sender() -> Sender:
+        refuse_pickle(app.conf)
         return _with_metadata(app, TqSettings.from_app(app), create())
 
     amqp._create_task_sender = _create_task_sender

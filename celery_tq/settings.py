@@ -12,7 +12,7 @@ from celery import Celery
 from celery_tq.errors import ConfigurationError
 from celery_tq.metadata import MAX_PRIORITY, MIN_PRIORITY, validate_priority
 
-__all__ = ["DEFAULT_QUEUE", "TqSettings"]
+__all__ = ["DEFAULT_QUEUE", "TqSettings", "refuse_pickle", "settings_allowing_pickle"]
 
 logger = logging.getLogger("celery_tq")
 
@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_event_batch": 200,
     "tq_prefetch_extra": 1,
     "tq_pause_unwatched_events": True,
+    "tq_allow_pickle": False,
     "tq_worker_lost_retries": 3,
     "tq_worker_lost_delay": 1.0,
     "tq_worker_lost_delay_max": 10.0,
@@ -53,6 +54,7 @@ class TqSettings:
     event_batch: int
     prefetch_extra: int
     pause_unwatched_events: bool
+    allow_pickle: bool
     worker_lost_retries: int
     worker_lost_delay: float
     worker_lost_delay_max: float
@@ -93,6 +95,33 @@ class TqSettings:
                 if low <= priority <= high:
                     return queue
         return self.default_queue
+
+
+PICKLE_NAMES = frozenset({"pickle", "application/x-python-serialize"})
+_SERIALIZER_SETTINGS = ("accept_content", "result_accept_content", "task_serializer", "result_serializer")
+
+
+def settings_allowing_pickle(conf: Any) -> list[str]:
+    """The Celery settings of ``conf`` that let pickle in (an unpickled message runs code)."""
+    found = []
+    for key in _SERIALIZER_SETTINGS:
+        value = conf.get(key)
+        values = {value} if isinstance(value, str) else set(value or ())
+        if values & PICKLE_NAMES:
+            found.append(key)
+    return found
+
+
+def refuse_pickle(conf: Any) -> None:
+    """Anyone who can publish a pickled message runs code in the worker: ``ConfigurationError``
+    unless the user says, with ``tq_allow_pickle = True``, that every publisher is trusted."""
+    allowing = settings_allowing_pickle(conf)
+    if allowing and not conf.get("tq_allow_pickle"):
+        raise ConfigurationError(
+            f"{', '.join(allowing)} allow pickle: anyone who can publish a message could run code "
+            'in the worker. Use "json" (the presets\' choice), or set tq_allow_pickle = True if '
+            "every publisher and the broker are trusted"
+        )
 
 
 def _validate_bands(bands: object) -> dict[str, tuple[int, int]]:

@@ -19,11 +19,12 @@ from celery_tq.registry import Registry, store_for_url
 from celery_tq.registry.capture import registry_url
 from celery_tq.result_errors import wire_backend
 from celery_tq.routing import PriorityRouter, broker_kind, queues_for
-from celery_tq.settings import TqSettings
+from celery_tq.settings import TqSettings, refuse_pickle
 from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
 from celery_tq.watched_events import WatchedEvents
 from celery_tq.worker_events import BatchedEvents
+from celery_tq.worker_guard import RefuseUnsafeConfig
 from celery_tq.worker_lost import WatchPoolProcesses
 from celery_tq.worker_prefetch import ReserveExtra
 
@@ -175,6 +176,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     app.steps["consumer"].add(ReserveExtra)
     app.steps["consumer"].add(WatchedEvents)
     app.steps["worker"].add(WatchPoolProcesses)
+    app.steps["worker"].add(RefuseUnsafeConfig)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(
         lambda sender, **kw: _configure(sender, preset_settings),
@@ -201,6 +203,9 @@ def _configure(app: Celery, preset_settings: dict[str, Any]) -> None:
     conf = app.conf
     _apply_preset(conf, preset_settings)
     settings = TqSettings.from_app(app)
+    # Celery logs (and swallows) an error raised in on_after_configure: the refusal runs again
+    # where it can stop things: when a worker starts (worker_guard) and when a task is first sent.
+    refuse_pickle(app.conf)
     kind = broker_kind(conf.broker_url)
     if not conf.task_queues:
         names = settings.queues()

@@ -67,13 +67,52 @@ def test_production_preset_on_redis_has_no_errors() -> None:
         {"result_serializer": "pickle"},
     ],
 )
+def test_install_refuses_a_config_that_allows_pickle(settings: dict[str, Any]) -> None:
+    app = Celery("t")
+    app.conf.update(settings)
+    assert app.conf.broker_url is None  # the first read configures the app
+    with pytest.raises(celery_tq.errors.ConfigurationError, match="allow pickle"):
+        celery_tq.install(app, preset="testing")
+
+
+def test_sending_a_task_refuses_pickle_set_after_install() -> None:
+    app = Celery("t")
+    tq = celery_tq.install(app, preset="testing")
+
+    @tq.task(name="t.noop", shared=False)
+    def noop() -> None: ...
+
+    app.conf.update(accept_content=["json", "pickle"])
+    with pytest.raises(celery_tq.errors.ConfigurationError, match="accept_content allow pickle"):
+        noop.delay()
+
+
+def test_pickle_is_allowed_with_the_documented_opt_out() -> None:
+    app = Celery("t")
+    app.conf.update(accept_content=["json", "pickle"], tq_allow_pickle=True)
+    assert app.conf.broker_url is None
+    celery_tq.install(app, preset="testing")  # no error
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"accept_content": ["json", "pickle"]},
+        {"accept_content": ["application/x-python-serialize"]},
+        {"result_accept_content": ["pickle"]},
+        {"task_serializer": "pickle"},
+        {"result_serializer": "pickle"},
+    ],
+)
 def test_accepting_pickle_is_an_error(settings: dict[str, Any]) -> None:
+    settings = {**settings, "tq_allow_pickle": True}  # the documented opt-out; check still objects
     findings = check(**settings)
     assert "pickle-accepted" in codes(findings, "error")
 
 
 def test_pickle_finding_spells_out_the_fix() -> None:
-    [finding] = [f for f in check(accept_content=["json", "pickle"]) if f.code == "pickle-accepted"]
+    findings = check(accept_content=["json", "pickle"], tq_allow_pickle=True)
+    [finding] = [f for f in findings if f.code == "pickle-accepted"]
     assert "pickle" in finding.message
     assert "json" in finding.fix
 
@@ -186,7 +225,7 @@ def test_missing_result_backend_is_a_warning() -> None:
 
 
 def test_findings_come_most_severe_first() -> None:
-    findings = check(accept_content=["pickle"], worker_prefetch_multiplier=4)
+    findings = check(accept_content=["pickle"], tq_allow_pickle=True, worker_prefetch_multiplier=4)
     levels = [f.level for f in findings]
     assert levels == sorted(levels, key=["error", "warning", "info"].index)
     assert levels[0] == "error"
@@ -195,6 +234,7 @@ def test_findings_come_most_severe_first() -> None:
 def test_every_finding_has_a_level_code_message_and_fix() -> None:
     findings = check(
         accept_content=["pickle"],
+        tq_allow_pickle=True,
         worker_prefetch_multiplier=4,
         broker=REDIS_URL,
         broker_transport_options={"priority_steps": [0, 3, 6, 9]},
@@ -243,7 +283,7 @@ def test_cli_check_exits_one_when_pickle_is_accepted(tmp_path: Path) -> None:
         tmp_path,
         """
         app = Celery("shop")
-        app.conf.update(accept_content=["json", "pickle"])
+        app.conf.update(accept_content=["json", "pickle"], tq_allow_pickle=True)
         tq = celery_tq.install(app, preset="development")
         """,
     )
@@ -294,3 +334,26 @@ def test_a_registry_url_or_a_tq_backend_gives_no_registry_warning() -> None:
         check("production", broker=AMQP_URL, result_backend=None, tq_registry_url="redis://127.0.0.1/1")
     )
     assert "registry-in-memory" not in codes(check("testing"))  # everything in one process
+
+
+def test_worker_refuses_to_start_with_pickle_accepted(tmp_path: Path) -> None:
+    (tmp_path / "tq_pickle_app.py").write_text(
+        "from celery import Celery\nimport celery_tq\n\n"
+        'app = Celery("shop", broker="memory://")\n'
+        'app.conf.update(accept_content=["json", "pickle"])\n'
+        'celery_tq.install(app, preset="testing")\n'
+    )
+    # C_FORCE_ROOT: Celery itself refuses pickle to a root worker; this is about everyone else.
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TQ_DATA_DIR": str(tmp_path), "C_FORCE_ROOT": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tq_pickle_app", "worker", "-P", "solo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "accept_content allow pickle" in result.stderr + result.stdout
+    assert " ready." not in result.stderr + result.stdout
