@@ -113,7 +113,7 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         record = to_record(row)
         try:
             meta = loads(row["meta"]) if row.get("meta") else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past JSON's depth
             raise StorageError(f"corrupt result meta: {exc}", record.id) from exc
         if not isinstance(meta, dict):
             raise StorageError("corrupt result meta: not an object", record.id)

@@ -34,6 +34,8 @@ __all__ = ["convert", "decode", "encode"]
 
 TASK_ATTR = "__tq_task__"
 _MAX_CHAIN = 8
+#: Causes rebuilt on the caller; a stored (possibly forged) chain is cut there.
+MAX_DECODED_CHAIN = 32
 _CONNECTION_ERROR_NAMES = {"ConnectionError", "OperationalError", "InterfaceError", "TimeoutError"}
 _CONNECTION_ERROR_MODULES = ("redis", "kombu", "amqp", "psycopg", "sqlalchemy", "pymysql")
 
@@ -84,21 +86,39 @@ def encode(exc: BaseException, depth: int = 0) -> dict[str, Any]:
     return data
 
 
-def decode(data: dict[str, Any], task_name: str = "") -> BaseException:
-    """Rebuild an exception encoded by :func:`encode` (never imports modules, never runs code)."""
+def decode(data: dict[str, Any], task_name: str = "") -> Exception:
+    """Rebuild an exception encoded by :func:`encode` (never imports modules, never runs code).
+
+    Anyone who can write the result store can write this payload: only ``Exception`` subclasses
+    are rebuilt (never ``SystemExit``/``KeyboardInterrupt``), and the cause chain stops after
+    ``MAX_DECODED_CHAIN`` levels.
+    """
     task_name = task_name or str(data.get("task") or "")
-    exc = _rebuild(data, task_name)
-    context_of(exc)[:] = [str(line) for line in data.get("context") or ()]
-    exc.remote_traceback = data.get("traceback")  # type: ignore[attr-defined]
-    cause = data.get("cause")
-    if isinstance(cause, dict):
-        exc.__cause__ = decode(cause, task_name)
-    return exc
+    first: Exception | None = None
+    previous: Exception | None = None
+    level: Any = data
+    for _ in range(MAX_DECODED_CHAIN + 1):
+        if not isinstance(level, dict):
+            break
+        exc = _rebuild(level, task_name)
+        lines = level.get("context")
+        context_of(exc)[:] = [str(line) for line in lines] if isinstance(lines, list) else []
+        text = level.get("traceback")
+        exc.remote_traceback = text if isinstance(text, str) else None  # type: ignore[attr-defined]
+        if previous is None:
+            first = exc
+        else:
+            previous.__cause__ = exc
+        previous = exc
+        level = level.get("cause")
+    assert first is not None
+    return first
 
 
-def _rebuild(data: dict[str, Any], task_name: str) -> BaseException:
+def _rebuild(data: dict[str, Any], task_name: str) -> Exception:
     cls = _lookup(str(data.get("module", "")), str(data.get("type", "")))
-    args = data.get("args") or []
+    args = data.get("args")
+    args = args if isinstance(args, list) else []
     if cls is not None:
         try:
             return cls(*args)
@@ -110,11 +130,12 @@ def _rebuild(data: dict[str, Any], task_name: str) -> BaseException:
     return failed
 
 
-def _lookup(module: str, qualname: str) -> type[BaseException] | None:
+def _lookup(module: str, qualname: str) -> type[Exception] | None:
+    """An already imported ``Exception`` class (``SystemExit`` and friends never come back)."""
     owner: Any = builtins if module == "builtins" else sys.modules.get(module)
     for part in qualname.split("."):
         owner = getattr(owner, part, None)
-    if isinstance(owner, type) and issubclass(owner, BaseException):
+    if isinstance(owner, type) and issubclass(owner, Exception):
         return owner
     return None
 

@@ -6,8 +6,10 @@ from typing import Any
 
 from celery import Celery
 from celery.backends.base import Backend
+from kombu.exceptions import DecodeError
 
 from celery_tq import error_codec
+from celery_tq.errors import ExecutionFailed, StorageError
 
 __all__ = ["StructuredErrorsMixin", "wire_backend"]
 
@@ -53,7 +55,18 @@ class StructuredErrorsMixin:
     def exception_to_python(self, exc: Any) -> Any:
         if isinstance(exc, dict) and isinstance(exc.get("tq"), dict):
             return error_codec.decode(exc["tq"])
-        return super().exception_to_python(exc)  # type: ignore[misc]
+        rebuilt = super().exception_to_python(exc)  # type: ignore[misc]
+        if rebuilt is None or isinstance(rebuilt, Exception):
+            return rebuilt
+        # A stored SystemExit/KeyboardInterrupt would stop the caller's process in get().
+        name = f"{type(rebuilt).__module__}.{type(rebuilt).__qualname__}"
+        return ExecutionFailed("?", f"{name}: {rebuilt}")
+
+    def _get_task_meta_for(self, task_id: str) -> Any:
+        try:
+            return super()._get_task_meta_for(task_id)  # type: ignore[misc]
+        except (RecursionError, DecodeError) as exc:  # e.g. a forged value nested past JSON's depth
+            raise StorageError(f"stored result of {task_id} cannot be read: {exc}", task_id) from exc
 
 
 _classes: dict[type[Backend], type[Backend]] = {}

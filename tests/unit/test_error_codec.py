@@ -492,3 +492,97 @@ def test_unserializable_result_becomes_invalid_input() -> None:
     assert isinstance(converted, celery_tq.errors.InvalidInput)
     assert "shop.report" in converted.message and "cannot be serialized" in converted.message
     assert converted.__cause__ is original
+
+
+# --- forged stored results (anyone who can write the store) ---------------------------------------
+
+
+def forge(app: Celery, result: Any) -> str:
+    """Write a FAILURE with ``result`` straight into the store, as an attacker could."""
+    backend = with_structured_errors(app.backend)
+    task_id = str(uuid.uuid4())
+    meta = {"status": "FAILURE", "result": result, "traceback": None, "children": [], "task_id": task_id}
+    backend.set(backend.get_key_for_task(task_id), json.dumps(meta))
+    return task_id
+
+
+@pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt", "GeneratorExit"])
+def test_forged_envelope_never_rebuilds_a_process_stopping_exception(app: Celery, name: str) -> None:
+    payload = {"type": name, "module": "builtins", "args": [0], "message": "x"}
+    error = outcome(app, forge(app, {"exc_type": name, "exc_module": "builtins", "tq": payload}))
+    assert type(error) is ExecutionFailed
+    assert f"builtins.{name}" in error.error
+
+
+@pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt"])
+def test_forged_celery_format_never_rebuilds_a_process_stopping_exception(app: Celery, name: str) -> None:
+    error = outcome(app, forge(app, {"exc_type": name, "exc_module": "builtins", "exc_message": [3]}))
+    assert type(error) is ExecutionFailed
+    assert f"builtins.{name}" in error.error
+
+
+def _chain(depth: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {"type": "ValueError", "module": "builtins", "args": ["leaf"]}
+    for i in range(depth - 1):
+        payload = {"type": "ValueError", "module": "builtins", "args": [f"level {i}"], "cause": payload}
+    return payload
+
+
+def test_decoded_cause_chain_is_cut_at_thirty_two_levels() -> None:
+    decoded: BaseException | None = error_codec.decode(_chain(900))
+    depth = 0
+    while decoded is not None:
+        depth += 1
+        decoded = decoded.__cause__
+    assert depth == error_codec.MAX_DECODED_CHAIN + 1 == 33
+
+
+def test_a_three_thousand_deep_stored_chain_is_a_storage_error_not_a_recursion_error(app: Celery) -> None:
+    envelope = {"type": "ValueError", "module": "builtins", "args": ["x"], "cause": None}
+    text = json.dumps({"exc_type": "ValueError", "exc_module": "builtins", "tq": envelope})
+    nested = text.replace('"cause": null', '"cause": ' + '{"cause": ' * 3000 + "null" + "}" * 3000)
+    task_id = forge(app, None)
+    backend = app.backend
+    key = backend.get_key_for_task(task_id)
+    backend.set(key, backend.get(key).replace('"result": null', f'"result": {nested}'))
+    with pytest.raises(StorageError, match="cannot be read: maximum recursion depth"):
+        AsyncResult(task_id, app=app).get(timeout=5)
+
+
+def test_forged_envelope_with_wrong_field_types_still_decodes() -> None:
+    decoded = error_codec.decode({"type": "ValueError", "module": "builtins", "args": "x", "context": 5})
+    assert type(decoded) is ValueError
+    assert context_of(decoded) == []
+
+
+def test_forged_records_in_the_tq_store_end_in_typed_errors(redis_host: str) -> None:
+    import redis as redis_client
+
+    from tests.conftest import REDIS_UNIT_DB
+
+    url = f"redis://{redis_host}/{REDIS_UNIT_DB}"
+    app = Celery("forged", set_as_current=False)
+    celery_tq.install(app, preset="testing")
+    app.conf.update(result_backend=f"tq+{url}")
+    client = redis_client.Redis.from_url(url)
+    deep = '{"exc_type": "ValueError", "exc_module": "builtins", "tq": ' + '{"cause": ' * 3000 + "null"
+    deep += "}" * 3001
+    forged = {
+        "exit": json.dumps(
+            {"result": {"exc_type": "SystemExit", "exc_module": "builtins", "exc_message": [3]}}
+        ),
+        "deep": '{"result": ' + deep + "}",
+    }
+    raised_types = {}
+    try:
+        for label, meta in forged.items():
+            task_id = str(uuid.uuid4())
+            row = {"id": task_id, "name": "x", "state": "FAILURE", "meta": meta, "retries": 0, "priority": 5}
+            client.hset(f"tq:t:{task_id}", mapping={**row, "tags": "[]", "submitted_at": 1700000000.0})
+            with pytest.raises(Exception) as info:  # a BaseException here would be the bug
+                AsyncResult(task_id, app=app).get(timeout=5)
+            raised_types[label] = type(info.value)
+    finally:
+        client.flushdb()
+        client.close()
+    assert raised_types == {"exit": ExecutionFailed, "deep": StorageError}
