@@ -79,6 +79,7 @@ def encode(exc: BaseException, depth: int = 0) -> dict[str, Any]:
         "traceback": _traceback_text(exc),
         "cause": None,
         "task": exc.__dict__.get(TASK_ATTR),
+        "attrs": _attributes(exc),
     }
     cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     if cause is not None and depth < _MAX_CHAIN:
@@ -103,6 +104,8 @@ def decode(data: dict[str, Any], task_name: str = "") -> Exception:
         exc = _rebuild(level, task_name)
         lines = level.get("context")
         context_of(exc)[:] = [str(line) for line in lines] if isinstance(lines, list) else []
+        if type(exc).__qualname__ == level.get("type"):  # not onto an ExecutionFailed stand-in
+            _restore_attributes(exc, level.get("attrs"))
         text = level.get("traceback")
         exc.remote_traceback = text if isinstance(text, str) else None  # type: ignore[attr-defined]
         if previous is None:
@@ -138,6 +141,37 @@ def _lookup(module: str, qualname: str) -> type[Exception] | None:
     if isinstance(owner, type) and issubclass(owner, Exception):
         return owner
     return None
+
+
+_NOT_ATTRIBUTES = {"remote_traceback", "args"}
+
+
+def _attributes(exc: BaseException) -> dict[str, Any]:
+    """The instance attributes JSON can carry (``exc.code = 402``); private and live ones stay."""
+    kept: dict[str, Any] = {}
+    for name, value in vars(exc).items():
+        if name.startswith("_") or name in _NOT_ATTRIBUTES:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        kept[name] = value
+    return kept
+
+
+def _restore_attributes(exc: Exception, attrs: object) -> None:
+    """Set the carried attributes as plain instance data (no setters or descriptors run)."""
+    if not isinstance(attrs, dict):
+        return
+    for name, value in attrs.items():
+        if (
+            isinstance(name, str)
+            and name.isidentifier()
+            and not name.startswith("_")
+            and name not in _NOT_ATTRIBUTES
+        ):
+            vars(exc)[name] = value
 
 
 def _is_connection_error(exc: BaseException) -> bool:

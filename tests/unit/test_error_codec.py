@@ -586,3 +586,50 @@ def test_forged_records_in_the_tq_store_end_in_typed_errors(redis_host: str) -> 
         client.flushdb()
         client.close()
     assert raised_types == {"exit": ExecutionFailed, "deep": StorageError}
+
+
+class PaymentDeclined(Exception):
+    """A user's exception carrying data in attributes, not in args."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = False
+
+
+def test_json_instance_attributes_of_a_custom_exception_survive() -> None:
+    original = PaymentDeclined("card declined")
+    original.code = 402
+    original.retryable = True
+    original.details = {"card": "visa", "attempts": [1, 2]}
+    original.handle = object()  # not JSON: dropped
+    decoded = over_json(original)
+    assert type(decoded) is PaymentDeclined
+    assert decoded.code == 402  # type: ignore[attr-defined]
+    assert decoded.retryable is True  # type: ignore[attr-defined]
+    assert decoded.details == {"card": "visa", "attempts": [1, 2]}  # type: ignore[attr-defined]
+    assert not hasattr(decoded, "handle")
+
+
+def test_custom_exception_attributes_survive_the_structured_backend(app: Celery) -> None:
+    with_structured_errors(app.backend)
+    original = PaymentDeclined("card declined", code=402)
+    error = outcome(app, fail(app, thrown(original)))
+    assert type(error) is PaymentDeclined
+    assert error.code == 402  # type: ignore[attr-defined]
+
+
+def test_carried_attributes_never_land_on_a_stand_in_or_in_private_names() -> None:
+    payload = {
+        "type": "Missing",
+        "module": "nowhere",
+        "args": [],
+        "attrs": {"error": "forged", "_private": 1, "__class__": "x"},
+    }
+    decoded = error_codec.decode(payload, "shop.charge")
+    assert type(decoded) is ExecutionFailed
+    assert decoded.error.startswith("nowhere.Missing")
+    rebuilt = error_codec.decode(
+        {"type": "ValueError", "module": "builtins", "args": [], "attrs": {"_x": 1, "__class__": 2}}
+    )
+    assert type(rebuilt) is ValueError and "_x" not in vars(rebuilt)
