@@ -14,6 +14,7 @@ from celery import Celery
 from kombu.exceptions import EncodeError
 
 from celery_tq.errors import InvalidInput
+from celery_tq.message_limits import check_message
 from celery_tq.metadata import TaskMetadata
 from celery_tq.routing import to_broker_priority
 from celery_tq.settings import TqSettings, refuse_pickle
@@ -32,7 +33,15 @@ def _defaults_for(app: Celery, name: str) -> TaskMetadata:
 
 def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
     def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:
-        headers, _properties, _body, sent_event = message
+        headers, _properties, body, sent_event = message
+        check_message(
+            name,
+            {**headers, **(options.get("headers") or {})},
+            body,
+            options.get("queue") or options.get("routing_key"),
+            options.get("serializer") or app.conf.task_serializer,
+            settings.max_message_bytes,
+        )
         metadata = _defaults_for(app, name).merged_with_call(options)
         if "publish_timeout" in options:
             options["timeout"] = options.pop("publish_timeout")

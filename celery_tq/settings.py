@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_prefetch_extra": 1,
     "tq_pause_unwatched_events": True,
     "tq_allow_pickle": False,
+    "tq_max_message_bytes": 16 * 1024 * 1024,
     "tq_worker_lost_retries": 3,
     "tq_worker_lost_delay": 1.0,
     "tq_worker_lost_delay_max": 10.0,
@@ -55,6 +56,7 @@ class TqSettings:
     prefetch_extra: int
     pause_unwatched_events: bool
     allow_pickle: bool
+    max_message_bytes: int
     worker_lost_retries: int
     worker_lost_delay: float
     worker_lost_delay_max: float
@@ -72,6 +74,9 @@ class TqSettings:
         extra = values["prefetch_extra"]
         if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
             raise ConfigurationError(f"tq_prefetch_extra must be an int >= 0, not {extra!r}")
+        cap = values["max_message_bytes"]
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ConfigurationError(f"tq_max_message_bytes must be an int >= 0 (0: no limit), not {cap!r}")
         retries = values["worker_lost_retries"]
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"tq_worker_lost_retries must be an int >= 0, not {retries!r}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis
 from kombu import Connection
 
 from celery_tq import errors
 
-from .conftest import Shop
+from .conftest import Shop, _shop
 
 
 def _queued(shop: Shop) -> int:
@@ -61,3 +63,34 @@ def test_garbage_messages_do_not_kill_the_worker(redis_shop: Shop) -> None:
         )
     assert redis_shop.app.tasks["tqshop.add"].delay(2, 3).get(timeout=30) == 5
     assert worker.process is not None and worker.process.poll() is None
+
+
+def _queue_depth(shop: Shop) -> int:
+    with shop.app.connection_for_write() as conn:
+        return int(conn.default_channel.queue_declare(queue="tq.default", passive=True).message_count)
+
+
+@pytest.mark.parametrize("kind", ["embedded", "tq+redis", "rabbitmq"])
+def test_a_150_mb_argument_is_refused_at_publish_on_every_broker(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    shop_iter = _shop(kind, request, Path(request.getfixturevalue("data_dir")))
+    shop = next(shop_iter)
+    try:
+        big = "x" * (150 * 1024 * 1024)
+        with pytest.raises(errors.InvalidInput, match="tq_max_message_bytes"):
+            shop.app.tasks["tqshop.add"].delay(big, 1)
+        del big
+        assert shop.app.tasks["tqshop.add"].delay(1, 2).id  # the connection is still good
+        assert _queue_depth(shop) == 1  # only that one: nothing of the refused message
+    finally:
+        next(shop_iter, None)
+
+
+@pytest.mark.parametrize("options", [{"task_id": "i" * 200}, {"queue": "q" * 300}])
+def test_an_id_or_queue_the_registry_cannot_hold_is_refused_at_publish(
+    redis_shop: Shop, options: dict[str, object]
+) -> None:
+    with pytest.raises(errors.InvalidInput, match="nothing was sent"):
+        redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
+    assert _queued(redis_shop) == 0
