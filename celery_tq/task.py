@@ -131,9 +131,12 @@ class TqTask(Task):  # type: ignore[type-arg]
             return self.run(*args, **kwargs)
         timeout = self._run_timeout(request)
         try:
-            if timeout is None:
+            if timeout is not None:
+                return self._invoke_timed(request, timeout, args, kwargs)
+            limits = self._celery_limits_to_enforce(request)
+            if limits is None:
                 return self._invoke(args, kwargs)
-            return self._invoke_timed(request, timeout, args, kwargs)
+            return self._invoke_timed(request, limits[0], args, kwargs, grace=limits[1])
         except TaskPredicate:
             raise  # Retry, Ignore, Reject: Celery's control flow
         except Exception as exc:
@@ -145,6 +148,23 @@ class TqTask(Task):  # type: ignore[type-arg]
             if error is exc:
                 raise
             raise error from exc
+
+    def _celery_limits_to_enforce(self, request: Any) -> tuple[float, float] | None:
+        """Celery's own soft/hard limits as (timeout, grace), on a pool that does not enforce them
+        (threads, solo, the in-process worker); None on prefork or without limits."""
+        if timeouts.current_pool() == "prefork":
+            return None
+        limits: Any = getattr(request, "timelimit", None) or (None, None)
+        hard: Any = limits[0] or self.time_limit
+        soft: Any = limits[1] or self.soft_time_limit
+        if not soft and not hard:
+            return None
+        if not soft:
+            return float(hard), 0.0
+        grace = (
+            float(hard) - float(soft) if hard and hard > soft else TqSettings.from_app(self.app).timeout_grace
+        )
+        return float(soft), grace
 
     def _celery_time_limit(self, request: Any) -> float | None:
         """Celery's own limit of this run (soft, else hard): the call's, else the task's."""
@@ -162,9 +182,15 @@ class TqTask(Task):  # type: ignore[type-arg]
         return super().__call__(*args, **kwargs)
 
     def _invoke_timed(
-        self, request: Any, timeout: float, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        request: Any,
+        timeout: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        grace: float | None = None,
     ) -> Any:
-        grace = TqSettings.from_app(self.app).timeout_grace
+        if grace is None:
+            grace = TqSettings.from_app(self.app).timeout_grace
 
         def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
             error = TaskTimeout(self.name, timeout)

@@ -62,3 +62,28 @@ def test_celery_time_limit_on_prefork_reports_the_real_limit(redis_shop: Shop) -
         redis_shop.app.tasks["tqshop.celery_limited"].delay(20).get(timeout=30)
     assert caught.value.duration == 1  # the task's soft_time_limit, not "0s"
     assert "exceeded its timeout of 1s" in str(caught.value)
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_celery_time_limits_of_a_tq_task_are_enforced_on_pools_celery_ignores_them(
+    redis_shop: Shop, pool: str
+) -> None:
+    redis_shop.start_worker(pool=pool)
+    started = time.monotonic()
+    with pytest.raises(errors.TaskTimeout) as caught:
+        redis_shop.app.tasks["tqshop.celery_limited"].delay(8).get(timeout=30)  # soft 1 s, hard 3 s
+    assert caught.value.duration == 1
+    assert time.monotonic() - started < 7  # not the task's own 8 s
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_worker_refuses_to_start_on_a_pool_that_would_ignore_a_plain_tasks_time_limit(
+    redis_shop: Shop, pool: str
+) -> None:
+    with pytest.raises(errors.ConfigurationError, match="cannot enforce Celery's soft_time_limit") as caught:
+        redis_shop.start_worker(pool=pool, env={"TQSHOP_PLAIN_LIMITED": "1"})
+    assert "tqshop.plain_limited" in str(caught.value)
+
+
+def test_plain_task_time_limits_are_fine_on_prefork(redis_shop: Shop) -> None:
+    redis_shop.start_worker(pool="prefork", env={"TQSHOP_PLAIN_LIMITED": "1"})

@@ -142,6 +142,11 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     def unserializable() -> object:
         return object()
 
+    if os.environ.get("TQSHOP_PLAIN_LIMITED"):  # a worker on threads/solo refuses to start with it
+
+        @app.task(name="tqshop.plain_limited", shared=False, soft_time_limit=1)
+        def plain_limited() -> None: ...
+
     if os.environ.get("TQSHOP_STORE_RETRY"):
         app.conf.tq_store_retry_timeout = float(os.environ["TQSHOP_STORE_RETRY"])
 
