@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths, queue_waits
+from celery_tq.refused_messages import refused_count
 
 __all__ = ["TqCollector"]
 
@@ -76,6 +77,12 @@ class TqCollector(Collector):
             buckets.append(("+Inf", len(values)))
             histogram.add_metric([str(priority)], buckets, sum(values))
         yield histogram
+
+        refused = CounterMetricFamily(
+            "tq_refused_messages", "Messages workers could not read (refused, acked), all time"
+        )
+        refused.add_metric([], refused_count(self.registry.store))
+        yield refused
 
         tagged = CounterMetricFamily(
             "tq_task_failures_by_tag",

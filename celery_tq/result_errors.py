@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.backends.base import Backend
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import DecodeError
 
 from celery_tq import error_codec
-from celery_tq.errors import ExecutionFailed, StorageError
+from celery_tq.errors import ExecutionFailed, InvalidInput, StorageError
 
 __all__ = ["StructuredErrorsMixin", "wire_backend"]
 
@@ -61,6 +63,32 @@ class StructuredErrorsMixin:
         # A stored SystemExit/KeyboardInterrupt would stop the caller's process in get().
         name = f"{type(rebuilt).__module__}.{type(rebuilt).__qualname__}"
         return ExecutionFailed("?", f"{name}: {rebuilt}")
+
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_interval: Any = None,
+    ) -> Any:
+        """Celery's polling ``wait_for``, which also ends on ``REJECTED`` (a message no worker could
+        read, see :mod:`celery_tq.refused_messages`): Celery would wait on it forever."""
+        if getattr(self.app.conf, "task_always_eager", False):  # type: ignore[attr-defined]
+            return super().wait_for(task_id, timeout, interval, no_ack, on_interval)  # type: ignore[misc]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            meta = self.get_task_meta(task_id)  # type: ignore[attr-defined]
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if meta["status"] == states.REJECTED:
+                raise InvalidInput(f"task {task_id} was rejected: a worker could not read its message")
+            if on_interval:
+                on_interval()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise CeleryTimeoutError("The operation timed out.")
+            time.sleep(interval if left is None else min(interval, left))
 
     def _get_task_meta_for(self, task_id: str) -> Any:
         try:

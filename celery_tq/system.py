@@ -15,6 +15,7 @@ from celery_tq import checks, presets, timeouts
 from celery_tq import signals as signals_module
 from celery_tq.errors import ConfigurationError
 from celery_tq.publish import wire_publisher
+from celery_tq.refused_messages import RecordRefusedMessages
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.registry.capture import registry_url
 from celery_tq.result_errors import wire_backend
@@ -175,6 +176,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     app.steps["consumer"].add(BatchedEvents)
     app.steps["consumer"].add(ReserveExtra)
     app.steps["consumer"].add(WatchedEvents)
+    app.steps["consumer"].add(RecordRefusedMessages)
     app.steps["worker"].add(WatchPoolProcesses)
     app.steps["worker"].add(RefuseUnsafeConfig)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.

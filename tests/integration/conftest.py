@@ -44,6 +44,8 @@ def _urls(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[str, st
     if kind == "tq+redis":  # the production setup on Redis: the plugin's transport and store
         broker, results = request.getfixturevalue("redis_dbs")
         return f"tq+{broker}", f"tq+{results}"
+    if kind == "rabbitmq+tq":  # production's RabbitMQ setup, with the tq backend on SQLite
+        return request.getfixturevalue("rabbitmq_vhost"), f"tq+sqlite:///{tmp / 'results.db'}"
     return request.getfixturevalue("rabbitmq_vhost"), sqlite_results
 
 
@@ -57,9 +59,10 @@ def redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     yield from _shop("redis", request, Path(data_dir))
 
 
-@pytest.fixture(params=["tq+redis", "rabbitmq"])
+@pytest.fixture(params=["tq+redis", "rabbitmq+tq"])
 def production_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
-    """The two brokers of the production preset: tq+redis:// (with a tq+redis:// store) and RabbitMQ."""
+    """The two brokers of the production preset, each with a tq result backend: tq+redis://
+    (with a tq+redis:// store) and RabbitMQ (with tq+sqlite://)."""
     yield from _shop(request.param, request, Path(data_dir))
 
 
@@ -76,7 +79,7 @@ def embedded_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Sho
 def _shop(kind: str, request: pytest.FixtureRequest, tmp: Path) -> Iterator[Shop]:
     broker_url, result_backend = _urls(kind, request, tmp)
     app = tqshop.make_app(broker_url, result_backend)
-    if kind == "rabbitmq":
+    if kind.startswith("rabbitmq"):
         app.control.purge()  # the session's vhost is shared by the tests of this file
     workers: list[WorkerProcess] = []
 

@@ -94,3 +94,42 @@ def test_an_id_or_queue_the_registry_cannot_hold_is_refused_at_publish(
     with pytest.raises(errors.InvalidInput, match="nothing was sent"):
         redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
     assert _queued(redis_shop) == 0
+
+
+def test_malformed_body_with_a_task_id_ends_rejected_for_the_caller_and_the_registry(
+    production_shop: Shop,
+) -> None:
+    import time
+
+    from celery.result import AsyncResult
+
+    from celery_tq import system_for
+    from celery_tq.refused_messages import refused_count
+
+    app = production_shop.app
+    worker = production_shop.start_worker()
+    registry = system_for(app).registry
+    with Connection(production_shop.broker_url) as conn:
+        producer = conn.Producer()
+        for headers in ({"task": "tqshop.add", "id": "malformed-1"}, {"task": "tqshop.add"}):
+            producer.publish(
+                b'{"not": json',
+                routing_key="tq.default",
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers=headers,
+            )
+    deadline = time.monotonic() + 30
+    while AsyncResult("malformed-1", app=app).state != "REJECTED":
+        assert time.monotonic() < deadline, "never REJECTED"
+        time.sleep(0.1)
+    with pytest.raises(errors.InvalidInput, match="rejected"):
+        AsyncResult("malformed-1", app=app).get(timeout=10)
+    record = registry.get("malformed-1")
+    assert record is not None and record.state == "REJECTED" and record.name == "tqshop.add"
+    assert "cannot be decoded" in str(record.error)
+    while refused_count(registry.store) < 2:  # the one without an id is counted too
+        assert time.monotonic() < deadline, "refused messages not counted"
+        time.sleep(0.1)
+    assert app.tasks["tqshop.add"].delay(2, 3).get(timeout=30) == 5
+    assert worker.process is not None and worker.process.poll() is None

@@ -148,6 +148,7 @@ def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: st
         exporter.terminate()
         exporter.wait(10)
     assert metrics["tq_up"] == 1
+    assert metrics["tq_refused_messages_total"] == 0
     assert metrics['tq_tasks{name="tqshop.add",state="SUCCESS"}'] == 1
     assert metrics['tq_tasks{name="tqshop.slow_fail",state="FAILURE"}'] == 1
     assert metrics['tq_task_failures_by_tag_total{tag="vip"}'] == 1
