@@ -26,8 +26,8 @@ from celery_tq.transport import register_transports
 from celery_tq.watched_events import WatchedEvents
 from celery_tq.worker_events import BatchedEvents
 from celery_tq.worker_guard import RefuseUnsafeConfig
-from celery_tq.worker_lost import WatchPoolProcesses
 from celery_tq.worker_prefetch import ReserveExtra
+from celery_tq.worker_request import WatchPoolProcesses
 
 __all__ = ["TaskQueueSystem", "install", "system_for"]
 

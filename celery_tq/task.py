@@ -59,7 +59,7 @@ class TqTask(Task):  # type: ignore[type-arg]
     #: Re-runs after the task's process died; None = the ``tq_worker_lost_retries`` setting.
     tq_worker_lost_retries: ClassVar[int | None] = None
     #: The worker's main process handles a lost process with celery-tq's bounded, quick re-run.
-    Request = "celery_tq.worker_lost:TqRequest"
+    Request = "celery_tq.worker_request:TqRequest"
     _tq_direct_run: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

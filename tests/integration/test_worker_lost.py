@@ -66,3 +66,32 @@ def test_worker_lost_retries_are_configurable(redis_shop: Shop, data_dir: str) -
     with pytest.raises(errors.WorkerLost):
         poison.get(timeout=60)
     assert [retries for _, retries, _ in _runs(data_dir, "poison")] == [0, 1]
+
+
+def test_redelivered_task_that_already_ended_is_acked_without_running_again(
+    production_shop: Shop, data_dir: str
+) -> None:
+    from celery.app.task import Context
+    from kombu import Connection
+
+    if production_shop.kind != "rabbitmq+tq":
+        pytest.skip("a redelivery on demand: RabbitMQ requeues what a closed channel did not ack")
+    app = production_shop.app
+    busy = app.tasks["tqshop.busy"]
+    busy.apply_async(("ended-before", 0), task_id="dup-ended")
+    busy.apply_async(("not-ended", 0), task_id="dup-open")
+    got: list[object] = []
+    with Connection(production_shop.broker_url) as conn:  # a worker that dies before its acks
+        with conn.Consumer(app.amqp.queues["tq.default"], callbacks=[lambda body, m: got.append(m)]):
+            while len(got) < 2:
+                conn.drain_events(timeout=10)
+        # It ran the first one and stored the result; then its connection dropped.
+        app.backend.mark_as_done("dup-ended", "ended-before", request=Context(id="dup-ended", task=busy.name))
+    production_shop.start_worker()
+    assert busy.AsyncResult("dup-open").get(timeout=30) == "not-ended"
+    assert busy.AsyncResult("dup-ended").get(timeout=30) == "ended-before"
+    with Connection(production_shop.broker_url) as conn:
+        depth = conn.default_channel.queue_declare(queue="tq.default", passive=True).message_count
+    assert depth == 0  # the ended one was acked, not left behind
+    assert [r for r in _runs(data_dir, "ended-before")] == []
+    assert len(_runs(data_dir, "not-ended")) == 1

@@ -1,4 +1,6 @@
-"""A task whose pool process died (OOM kill, segfault, ``os._exit``) runs again soon, a bounded
+"""What a worker's main process does with a tq task's message (:class:`TqRequest`).
+
+A task whose pool process died (OOM kill, segfault, ``os._exit``) runs again soon, a bounded
 number of times, then ends as ``FAILURE`` with :class:`~celery_tq.errors.WorkerLost`.
 
 Celery's own ``task_retry_on_worker_lost`` waits ``default_retry_delay`` (180 s) before the re-run,
@@ -8,6 +10,11 @@ documented custom-request hook, ``Task.Request``) instead: re-send after ``tq_wo
 seconds (doubling up to ``tq_worker_lost_delay_max``) at most ``tq_worker_lost_retries`` times
 (a task may set ``tq_worker_lost_retries`` itself), counted in the message header ``tq_lost``.
 The message is acked only after the re-send (or the terminal failure) is stored.
+
+A message redelivered by the broker (``delivery_info['redelivered']``: a connection dropped before
+its ack arrived, a dead worker's messages recovered) whose task already ended (SUCCESS, FAILURE,
+REVOKED, REJECTED in the result backend) is acked without running again. Only redelivered
+messages cost the backend read.
 
 A prefork worker notices a dead pool process in its 5 s pool maintenance (the exit sentinel is not
 always seen); :class:`WatchPoolProcesses` runs that maintenance every half second, so the re-run
@@ -35,6 +42,7 @@ logger = logging.getLogger("celery_tq")
 
 HEADER_LOST = "tq_lost"
 POOL_CHECK_INTERVAL = 0.5
+ENDED = frozenset({*states.READY_STATES, states.REJECTED})
 
 
 def lost_count(context: Any) -> int:
@@ -77,6 +85,27 @@ class TqRequest(Request):
     def _run_context(self) -> Any:
         """The run's Context, as Celery's own ``on_failure`` re-sends it (private: Celery 5.7)."""
         return getattr(self, "_context")  # noqa: B009 (not in celery-types)
+
+    def revoked(self) -> bool:
+        """Celery's check before a run, plus: a redelivered task that already ended is skipped."""
+        return bool(super().revoked()) or self._ended_before()
+
+    def _ended_before(self) -> bool:
+        if not (self.delivery_info or {}).get("redelivered"):
+            return False
+        try:
+            state = self.task.backend.get_task_meta(self.id).get("status")
+        except Exception:  # unknown: run it again (at least once)
+            logger.warning("task %s[%s]: redelivered, and its state cannot be read", self.name, self.id)
+            return False
+        if state not in ENDED:
+            return False
+        logger.info(
+            "task %s[%s]: redelivered but already %s; acked without running", self.name, self.id, state
+        )
+        task_ready(self)
+        self.acknowledge()
+        return True
 
     def _succeeded(self) -> bool:
         """The process stored SUCCESS and died afterwards: Celery's own path acks it."""
