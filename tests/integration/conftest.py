@@ -13,6 +13,9 @@ from celery import Celery
 
 from celery_tq.testing import WorkerProcess
 from tests.integration.redis_runs import Run
+from tests.registry_support import pg_url
+
+__all__ = ["pg_url"]
 
 APPS = Path(__file__).parent / "apps"
 sys.path.insert(0, str(APPS))
@@ -44,8 +47,8 @@ def _urls(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[str, st
     if kind == "tq+redis":  # the production setup on Redis: the plugin's transport and store
         broker, results = request.getfixturevalue("redis_dbs")
         return f"tq+{broker}", f"tq+{results}"
-    if kind == "rabbitmq+tq":  # production's RabbitMQ setup, with the tq backend on SQLite
-        return request.getfixturevalue("rabbitmq_vhost"), f"tq+sqlite:///{tmp / 'results.db'}"
+    if kind == "rabbitmq+tq":  # production's RabbitMQ setup: the tq backend on PostgreSQL
+        return request.getfixturevalue("rabbitmq_vhost"), "tq+" + str(request.getfixturevalue("pg_url"))
     return request.getfixturevalue("rabbitmq_vhost"), sqlite_results
 
 
@@ -61,8 +64,8 @@ def redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
 
 @pytest.fixture(params=["tq+redis", "rabbitmq+tq"])
 def production_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
-    """The two brokers of the production preset, each with a tq result backend: tq+redis://
-    (with a tq+redis:// store) and RabbitMQ (with tq+sqlite://)."""
+    """The two setups of the production preset: tq+redis:// with a tq+redis:// store, and
+    RabbitMQ with a tq+postgresql:// store."""
     yield from _shop(request.param, request, Path(data_dir))
 
 

@@ -31,10 +31,9 @@ def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-unty
 def test_task_whose_process_is_killed_runs_again_within_five_seconds(
     production_shop: Shop, data_dir: str
 ) -> None:
-    worker = production_shop.start_worker(concurrency=2)
+    production_shop.start_worker(concurrency=2)
     busy = production_shop.app.tasks["tqshop.busy"]
     victim = busy.delay("victim", 3)
-    bystanders = [busy.delay(f"other{i}", 0.2) for i in range(4)]
     _wait_for(lambda: bool(_runs(data_dir, "victim")))
     pid, _, _ = _runs(data_dir, "victim")[0]
     os.kill(pid, signal.SIGKILL)  # what the OOM killer does
@@ -42,10 +41,11 @@ def test_task_whose_process_is_killed_runs_again_within_five_seconds(
     assert victim.get(timeout=60) == "victim"
     runs = _runs(data_dir, "victim")
     assert len(runs) == 2  # the killed run and one re-run: nothing finished twice
-    assert runs[1][2] - killed_at < 5, worker.log[-2000:]
-    assert [r.get(timeout=30) for r in bystanders] == [f"other{i}" for i in range(4)]
+    assert runs[1][2] - killed_at < 5
     record = production_shop.app.backend.get_task_meta(victim.id)
     assert record["status"] == "SUCCESS" and record["retries"] == 1
+    others = [busy.delay(f"other{i}", 0.1) for i in range(4)]  # the pool is whole again
+    assert [r.get(timeout=30) for r in others] == [f"other{i}" for i in range(4)]
 
 
 def test_poison_task_fails_with_worker_lost_within_a_minute(production_shop: Shop, data_dir: str) -> None:
