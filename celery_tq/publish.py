@@ -15,7 +15,7 @@ from kombu.exceptions import EncodeError
 
 from celery_tq.errors import InvalidInput
 from celery_tq.message_limits import check_message
-from celery_tq.metadata import TaskMetadata
+from celery_tq.metadata import MAX_PRIORITY, TaskMetadata
 from celery_tq.routing import to_broker_priority
 from celery_tq.settings import TqSettings, refuse_pickle
 
@@ -23,6 +23,7 @@ __all__ = ["wire_publisher"]
 
 Sender = Callable[..., Any]
 _MARK = "[tq "
+HEADER_LOST = "tq_lost"  # celery_tq.worker_request counts re-sends after a lost process in it
 
 
 def _defaults_for(app: Celery, name: str) -> TaskMetadata:
@@ -55,7 +56,11 @@ def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
             if sent_event:
                 sent_event["kwargs"] = kwargsrepr
         driver = producer.connection.transport.driver_type
-        options["priority"] = to_broker_priority(driver, metadata.priority)
+        # A run whose process died is re-sent one level up, so it does not queue behind its peers
+        # (the task's own priority, in its headers and record, stays as it was).
+        lost = bool((options.get("headers") or {}).get(HEADER_LOST) or headers.get(HEADER_LOST))
+        broker_level = min(metadata.priority + 1, MAX_PRIORITY) if lost else metadata.priority
+        options["priority"] = to_broker_priority(driver, broker_level)
         try:
             return send(producer, name, message, **options)
         except EncodeError as exc:

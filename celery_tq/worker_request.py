@@ -8,7 +8,8 @@ and ``task_reject_on_worker_lost`` requeues a task that kills its process foreve
 :class:`~celery_tq.task.TqTask` the worker's main process uses :class:`TqRequest` (Celery's
 documented custom-request hook, ``Task.Request``) instead: re-send after ``tq_worker_lost_delay``
 seconds (doubling up to ``tq_worker_lost_delay_max``) at most ``tq_worker_lost_retries`` times
-(a task may set ``tq_worker_lost_retries`` itself), counted in the message header ``tq_lost``.
+(a task may set ``tq_worker_lost_retries`` itself), counted in the message header ``tq_lost``;
+the publisher sends it one broker priority level up, so it does not wait behind its peers.
 The message is acked only after the re-send (or the terminal failure) is stored.
 
 A message redelivered by the broker (``delivery_info['redelivered']``: a connection dropped before
@@ -34,13 +35,13 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from celery_tq.errors import WorkerLost
+from celery_tq.publish import HEADER_LOST
 from celery_tq.settings import TqSettings
 
 __all__ = ["HEADER_LOST", "TqRequest", "WatchPoolProcesses", "lost_count"]
 
 logger = logging.getLogger("celery_tq")
 
-HEADER_LOST = "tq_lost"
 POOL_CHECK_INTERVAL = 0.5
 ENDED = frozenset({*states.READY_STATES, states.REJECTED})
 

@@ -120,3 +120,23 @@ def test_size_bounds_hold_the_real_json_size(value: Any) -> None:
     size = len(dumps(body, serializer="json")[2])
     assert walked
     assert low <= size <= high
+
+
+def _sent(app: Celery) -> Any:
+    with app.connection_for_write() as conn:
+        message = conn.default_channel.basic_get("tq.default", no_ack=True)
+        assert message is not None
+        return message
+
+
+def test_a_task_re_sent_after_its_process_died_goes_one_broker_level_up_keeping_its_priority(
+    app: Celery,
+) -> None:
+    app.tasks["limits.echo"].apply_async((1,), priority=5, headers={"tq_lost": 1})
+    message = _sent(app)
+    assert message.properties["priority"] == 6  # ahead of its peers at level 5
+    assert message.headers["tq_priority"] == 5  # the task's own priority is unchanged
+    app.tasks["limits.echo"].apply_async((1,), priority=9, headers={"tq_lost": 2})
+    assert _sent(app).properties["priority"] == 9
+    app.tasks["limits.echo"].apply_async((1,), priority=5)
+    assert _sent(app).properties["priority"] == 5
