@@ -222,6 +222,15 @@ def _configure(app: Celery, preset_settings: dict[str, Any]) -> None:
         conf.task_routes = (*_as_list(routes), router)
     if kind == "amqp" and conf.task_queue_max_priority is None:
         conf.task_queue_max_priority = settings.max_priority
+    if kind == "amqp" and conf.broker_heartbeat:
+        # A frozen (half-open) link must not block a read or write forever: without a socket
+        # timeout Celery's reconnect hangs closing the event connection (channel.close -> recv).
+        # With heartbeats on, an idle link still receives a frame every heartbeat/2 seconds.
+        timeout = max(settings.amqp_socket_timeout, float(conf.broker_heartbeat))
+        options = dict(conf.broker_transport_options or {})
+        options.setdefault("read_timeout", timeout)
+        options.setdefault("write_timeout", timeout)
+        conf.broker_transport_options = options
     if kind == "redis":
         options = dict(conf.broker_transport_options or {})
         options.setdefault("priority_steps", list(range(10)))

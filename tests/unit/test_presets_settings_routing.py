@@ -562,3 +562,25 @@ def test_urgent_call_is_published_to_the_high_band_queue() -> None:
     charge.apply_async((6,))
     assert waiting(f"tq.high-{suffix}") == 1
     assert waiting(f"tq.low-{suffix}") == 1
+
+
+def test_amqp_links_with_heartbeats_get_socket_timeouts_so_a_frozen_link_cannot_hang_a_worker() -> None:
+    app = Celery("t", broker="amqp://guest:guest@127.0.0.1:5672//")
+    celery_tq.install(app, preset="production")
+    options = app.conf.broker_transport_options
+    assert options["read_timeout"] == options["write_timeout"] == 10.0
+    assert options["confirm_publish"] is True
+
+
+def test_amqp_links_without_heartbeats_keep_blocking_reads() -> None:
+    app = Celery("t", broker="amqp://guest:guest@127.0.0.1:5672//")
+    app.conf.update(broker_heartbeat=0)
+    celery_tq.install(app, preset="production")
+    assert "read_timeout" not in app.conf.broker_transport_options
+
+
+def test_a_long_heartbeat_raises_the_socket_timeout_to_match() -> None:
+    app = Celery("t", broker="amqp://guest:guest@127.0.0.1:5672//")
+    app.conf.update(broker_heartbeat=60, broker_transport_options={"write_timeout": 5})
+    celery_tq.install(app, preset="production")
+    assert app.conf.broker_transport_options == {"read_timeout": 60.0, "write_timeout": 5}

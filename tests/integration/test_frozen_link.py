@@ -1,0 +1,44 @@
+"""A half-open broker link (frozen, no FIN) with task events on: the worker notices, reconnects
+and goes on by itself, losing nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.integration.test_redis_transport import PROXY
+from tests.ports import free_port
+
+from .conftest import Shop
+
+
+def test_worker_resumes_by_itself_after_its_rabbitmq_link_freezes(
+    rabbitmq_shop: Shop, tmp_path: Path
+) -> None:
+    port = free_port()
+    script = tmp_path / "proxy.py"
+    script.write_text(PROXY)
+    proxy = subprocess.Popen([sys.executable, str(script), str(port), "5672"], stdout=subprocess.PIPE)
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        proxied = rabbitmq_shop.broker_url.replace(":5672/", f":{port}/")
+        conf = json.dumps({"broker_heartbeat": 10})
+        rabbitmq_shop.start_worker(env={"TQSHOP_BROKER_URL": proxied, "TQSHOP_CONF": conf})
+        add = rabbitmq_shop.app.tasks["tqshop.add"]
+        assert add.delay(1, 1).get(timeout=30) == 2
+        proxy.send_signal(signal.SIGUSR1)  # every link open now hangs; new ones work
+        frozen_at = time.monotonic()
+        results = [add.delay(i, 1) for i in range(5)]
+        assert [r.get(timeout=90) for r in results] == [i + 1 for i in range(5)]
+        resumed = time.monotonic() - frozen_at
+        print(f"resumed {resumed:.1f} s after the freeze")
+        assert resumed < 60
+    finally:
+        proxy.kill()
+        proxy.wait(10)
+        if proxy.stdout is not None:
+            proxy.stdout.close()
