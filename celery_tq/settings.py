@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_allow_pickle": False,
     "tq_max_message_bytes": 16 * 1024 * 1024,
     "tq_amqp_socket_timeout": 10.0,
+    "tq_redis_socket_timeout": 5.0,
     "tq_worker_lost_retries": 3,
     "tq_worker_lost_delay": 1.0,
     "tq_worker_lost_delay_max": 10.0,
@@ -59,6 +60,7 @@ class TqSettings:
     allow_pickle: bool
     max_message_bytes: int
     amqp_socket_timeout: float
+    redis_socket_timeout: float
     worker_lost_retries: int
     worker_lost_delay: float
     worker_lost_delay_max: float

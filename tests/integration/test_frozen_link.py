@@ -42,3 +42,47 @@ def test_worker_resumes_by_itself_after_its_rabbitmq_link_freezes(
         proxy.wait(10)
         if proxy.stdout is not None:
             proxy.stdout.close()
+
+
+def test_worker_resumes_by_itself_after_its_redis_link_freezes(tmp_path: Path, data_dir: str) -> None:
+    from celery_tq.testing import WorkerProcess
+    from tests.integration.conftest import APPS, tqshop
+    from tests.private_redis import PrivateRedis
+
+    server = PrivateRedis(tmp_path, False)
+    server.start()
+    port = free_port()
+    script = tmp_path / "proxy.py"
+    script.write_text(PROXY)
+    proxy = subprocess.Popen(
+        [sys.executable, str(script), str(port), str(server.port)], stdout=subprocess.PIPE
+    )
+    direct, results = f"tq+redis://127.0.0.1:{server.port}/0", f"tq+redis://127.0.0.1:{server.port}/1"
+    app = tqshop.make_app(direct, results)
+    env = {
+        "TQSHOP_BROKER_URL": f"tq+redis://127.0.0.1:{port}/0",
+        "TQSHOP_RESULT_BACKEND": results,
+        "TQ_DATA_DIR": data_dir,
+        "PYTHONPATH": f"{APPS}:{Path(__file__).parents[2]}",
+    }
+    worker = WorkerProcess("tqshop", concurrency=2, env=env)
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"ready"
+        worker.start()
+        add = app.tasks["tqshop.add"]
+        assert add.delay(1, 1).get(timeout=30) == 2
+        proxy.send_signal(signal.SIGUSR1)  # every link open now hangs; new ones work
+        frozen_at = time.monotonic()
+        pending = [add.delay(i, 1) for i in range(5)]
+        assert [r.get(timeout=150) for r in pending] == [i + 1 for i in range(5)]
+        resumed = time.monotonic() - frozen_at
+        print(f"resumed {resumed:.1f} s after the freeze")
+        assert resumed < 60
+    finally:
+        worker.stop()
+        app.close()
+        proxy.kill()
+        proxy.wait(10)
+        if proxy.stdout is not None:
+            proxy.stdout.close()
+        server.stop()
