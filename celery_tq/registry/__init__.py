@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from celery_tq.errors import ConfigurationError, StorageError
-from celery_tq.registry.record import STATES, Query, Row, TaskRecord, tags_of, to_record
+from celery_tq.registry.record import STATES, Query, Row, TaskRecord, is_state_name, tags_of, to_record
 
 __all__ = ["STATES", "Query", "Registry", "Store", "TaskRecord", "store_for_url"]
 
@@ -130,8 +130,8 @@ def _query(
     root_id: str | None,
     limit: int,
 ) -> Query:
-    if state is not None and state not in STATES:
-        raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+    if state is not None and not is_state_name(state):
+        raise ValueError(f"invalid state {state!r}: Celery's states ({', '.join(STATES)}) or a custom one")
     return Query(
         state=state,
         tags=tags_of(tags),

@@ -3,19 +3,22 @@
 Keys (prefix ``tq:``): ``t:<id>`` (the row), ``i:all``, ``i:state:<S>``, ``i:name:<N>``,
 ``i:queue:<Q>``, ``i:priority:<P>``, ``i:root_id:<R>``, ``i:tag:<T>`` (indexes), ``kv:<key>``.
 The forward-only merge and the index moves run in one Lua script per write, so concurrent
-writers never interleave; a batch of writes is one pipeline.
+writers never interleave; a batch of writes is one pipeline. A terminal write is also published
+on ``tq:done:<id>``, which wakes a client waiting in ``get()``; ``tq:states`` lists the states seen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
-from celery_tq.registry.record import STATES, Query, Row
+from celery_tq.registry.record import FINAL, Query, Row
 
 __all__ = ["RedisStore"]
 
@@ -46,13 +49,15 @@ _MERGE = (
     + """
 local key, prefix, id = KEYS[1], ARGV[1], ARGV[2]
 local new = {}
-for i = 3, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+local final = tonumber(ARGV[3])
+for i = 4, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
 local old, fresh = load(key)
 local row = {}
 if fresh then
   for f, v in pairs(new) do row[f] = v end
 else
-  local newer = tonumber(new['progress']) > (tonumber(old['progress']) or -1)
+  local np, op = tonumber(new['progress']), tonumber(old['progress']) or -1
+  local newer = np > op or (np == op and np < final)
   for _, f in ipairs({'state', 'progress', 'result', 'error', 'finished_at', 'runtime', 'retries', 'meta'}) do
     if newer then row[f] = new[f] else row[f] = old[f] end
   end
@@ -96,6 +101,10 @@ if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
 local flat = {}
 for f, v in pairs(row) do table.insert(flat, f); table.insert(flat, v) end
 redis.call('HSET', key, unpack(flat))
+redis.call('SADD', prefix .. 'states', row['state'])
+if tonumber(new['progress']) >= final then  -- wakes a client waiting in get()
+  redis.call('PUBLISH', prefix .. 'done:' .. id, row['state'])
+end
 return 1
 """
 )
@@ -127,6 +136,35 @@ class RedisStore:
         )
         self._merge = self.client.register_script(_MERGE)
         self._delete = self.client.register_script(_DELETE)
+        self._pubsub: Any = None
+        self._wait_lock = threading.Lock()
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> None:
+        """Return when ``task_id``'s terminal state is written (the merge script publishes it on
+        ``tq:done:<id>``) or after ``seconds``; ``is_ready`` closes the race with the subscription."""
+        channel = f"{self.prefix}done:{task_id}"
+        with self._wait_lock:
+            if self._pubsub is None:
+                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._pubsub
+            try:
+                pubsub.subscribe(channel)
+                try:
+                    if is_ready(task_id):
+                        return
+                    deadline = time.monotonic() + seconds
+                    while (remaining := deadline - time.monotonic()) > 0:
+                        message = pubsub.get_message(timeout=remaining)
+                        if message and message.get("channel") in (channel, channel.encode()):
+                            return
+                finally:
+                    pubsub.unsubscribe(channel)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # the caller polls again (through the backend's retries); a new connection next time
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+                time.sleep(min(seconds, 0.1))
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}t:{task_id}"
@@ -141,7 +179,7 @@ class RedisStore:
         pipe.execute()
 
     def _args(self, change: Row) -> list[Any]:
-        args: list[Any] = [self.prefix, change["id"]]
+        args: list[Any] = [self.prefix, change["id"], FINAL]
         for field, value in change.items():
             if field != "id" and value is not None:
                 args += [field, value if isinstance(value, str) else repr(value)]
@@ -179,7 +217,11 @@ class RedisStore:
 
     def counts(self, query: Query) -> dict[str, int]:
         low, high = _bounds(query)
-        states = [query.state] if query.state else list(STATES)
+        states = (
+            [query.state]
+            if query.state
+            else sorted(m.decode() for m in self.client.smembers(f"{self.prefix}states"))
+        )
         pipe = self.client.pipeline(transaction=True)
         temporary, positions, position = [], [], 0
         for state in states:

@@ -153,7 +153,7 @@ def test_corrupt_record_is_a_storage_error_naming_its_id(store: Store) -> None:
 
 def corrupt(store: Any, task_id: str) -> None:
     if hasattr(store, "client"):  # redis
-        store.client.hset(f"tq:t:{task_id}", "state", "NOT-A-STATE")
+        store.client.hset(f"tq:t:{task_id}", "tags", "{not json")
     elif hasattr(store, "engine"):
         from sqlalchemy import update
 
