@@ -122,6 +122,13 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
             raise self.retry(countdown=1.5)
         return int(self.request.retries)
 
+    @tq.task(name="tqshop.progress", shared=False, bind=True)
+    def progress(self: Any, seconds: float) -> str:
+        """Reports a custom PROGRESS state (Celery's documented way), then finishes."""
+        self.update_state(state="PROGRESS", meta={"done": 1, "of": 2})
+        time.sleep(seconds)
+        return "finished"
+
     @tq.task(name="tqshop.unserializable", shared=False)
     def unserializable() -> object:
         return object()
