@@ -56,14 +56,14 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         no_ack: bool = True,
         on_interval: Any = None,
     ) -> Any:
-        """Celery's polling loop, woken by the store where it can (Redis: pub/sub on the outcome).
+        """Celery's polling loop, woken by the store where it can (Redis pub/sub, PostgreSQL NOTIFY).
 
         Without a wake-up the poll starts at 0.5 ms and doubles up to ``tq_result_poll_interval``
         (default 20 ms), so a short task's result is seen within about its own run time.
         """
         cap = min(interval, float(self._app.conf.get("tq_result_poll_interval") or 0.02))
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait = getattr(self.store, "wait_for_outcome", None)
+        wait = self.store.wait_for_outcome
         delay = 0.0005
         while True:
             meta = self.get_task_meta(task_id)
@@ -74,9 +74,7 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("The operation timed out.")
-            if wait is not None:
-                wait(task_id, 1.0 if remaining is None else min(remaining, 1.0), self._is_ready)
-            else:
+            if not wait(task_id, 1.0 if remaining is None else min(remaining, 1.0), self._is_ready):
                 time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, cap)
 

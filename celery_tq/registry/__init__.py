@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -31,6 +31,11 @@ class Store(Protocol):
         """Merge each change (see :func:`celery_tq.registry.record.merge`) into its task's row."""
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]: ...
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
+        """Block until a write may have finished ``task_id``, at most ``seconds``; False if this
+        store cannot wake a waiter (the caller then polls). ``is_ready`` is checked after the
+        store starts listening, so a write in between is never missed."""
 
     def query(self, query: Query) -> list[Row]:
         """Rows matching ``query``, newest ``submitted_at`` first, at most ``query.limit``."""

@@ -139,7 +139,7 @@ class RedisStore:
         self._pubsub: Any = None
         self._wait_lock = threading.Lock()
 
-    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> None:
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """Return when ``task_id``'s terminal state is written (the merge script publishes it on
         ``tq:done:<id>``) or after ``seconds``; ``is_ready`` closes the race with the subscription."""
         channel = f"{self.prefix}done:{task_id}"
@@ -151,12 +151,12 @@ class RedisStore:
                 pubsub.subscribe(channel)
                 try:
                     if is_ready(task_id):
-                        return
+                        return True
                     deadline = time.monotonic() + seconds
                     while (remaining := deadline - time.monotonic()) > 0:
                         message = pubsub.get_message(timeout=remaining)
                         if message and message.get("channel") in (channel, channel.encode()):
-                            return
+                            return True
                 finally:
                     pubsub.unsubscribe(channel)
             except (redis.ConnectionError, redis.TimeoutError):
@@ -165,6 +165,7 @@ class RedisStore:
                 with contextlib.suppress(Exception):
                     pubsub.close()
                 time.sleep(min(seconds, 0.1))
+        return True
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}t:{task_id}"

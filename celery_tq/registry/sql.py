@@ -10,9 +10,10 @@ forward-only on the server (:mod:`.sql_merge`), over the store's direct connecti
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ from sqlalchemy.sql import ColumnElement, FromClause
 
 from celery_tq.errors import StorageError
 from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, merge
-from celery_tq.registry.sql_conn import DirectConnection, connect_args
-from celery_tq.registry.sql_merge import tag_upsert_sqlite, task_upsert
+from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
+from celery_tq.registry.sql_merge import NOTIFY_CHANNEL, tag_upsert_sqlite, task_upsert
 
 __all__ = ["SCHEMA_VERSION", "SqlStore"]
 
@@ -111,21 +112,22 @@ class SqlStore:
         if parsed.drivername in {"postgresql", "postgres"}:
             parsed = parsed.set(drivername="postgresql+psycopg")
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.through_pgbouncer = False
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(parsed, connect_args=connect_args(True))
+            self.engine: Engine = create_engine(parsed, connect_args=sqlite_args())
             _sqlite_locking(self.engine)
-        direct_url = parsed
-        if not self.is_sqlite:
-            args = connect_args(False)
-            extra = parsed.query.get("options")
-            if extra:  # keep the URL's own options (e.g. search_path)
-                args["options"] = f"{extra if isinstance(extra, str) else ' '.join(extra)} {args['options']}"
-                parsed = parsed.difference_update_query(["options"])
-            self.engine = create_engine(parsed, pool_pre_ping=True, pool_size=2, connect_args=args)
-        self.direct = DirectConnection(direct_url, self.is_sqlite)
+        else:
+            engine_url, args, self.through_pgbouncer = pg_params(parsed)
+            if self.through_pgbouncer:
+                args["prepare_threshold"] = None
+            self.engine = create_engine(engine_url, pool_pre_ping=True, pool_size=2, connect_args=args)
+        self.direct = DirectConnection(parsed, self.is_sqlite)
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
+        self._listener: Any = None
+        self._seen_done: dict[str, None] = {}
+        self._wait_lock = threading.Lock()
         self._ready = False
         self._lock = threading.Lock()
 
@@ -133,6 +135,36 @@ class SqlStore:
         """Close this process's connections (the store opens them again when used)."""
         self.direct.close()
         self.engine.dispose()
+        with self._wait_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                listener.close()
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
+        """PostgreSQL: return when ``task_id``'s terminal write is notified on ``tq_done`` (or after
+        ``seconds``); False where the store cannot wake a waiter (SQLite, PgBouncer): poll."""
+        if self.is_sqlite or self.through_pgbouncer:
+            return False
+        with self._wait_lock:
+            try:
+                if self._listener is None or self._listener.closed:
+                    self._listener = self.direct.open_listener(NOTIFY_CHANNEL)
+                if task_id in self._seen_done or is_ready(task_id):
+                    return True
+                for notice in self._listener.notifies(timeout=seconds):
+                    self._seen_done[notice.payload] = None
+                    if len(self._seen_done) > 10_000:  # done ids another waiter of this process may want
+                        del self._seen_done[next(iter(self._seen_done))]
+                    if notice.payload == task_id:
+                        break
+            except Exception:  # a lost listener: the caller polls again; a new one next time
+                listener, self._listener = self._listener, None
+                if listener is not None:
+                    with contextlib.suppress(Exception):
+                        listener.close()
+                time.sleep(min(seconds, 0.1))
+        return True
 
     def _ensure_schema(self) -> None:
         if self._ready:

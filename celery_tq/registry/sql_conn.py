@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 
 from celery_tq.errors import StorageError
 
-__all__ = ["PG_SESSION", "DirectConnection", "connect_args"]
+__all__ = ["PG_SESSION", "DirectConnection", "pg_params", "sqlite_args"]
 
 T = TypeVar("T")
 
@@ -33,19 +33,33 @@ PG_SESSION = {
 }
 
 
-def connect_args(is_sqlite: bool) -> dict[str, Any]:
-    """libpq parameters for every PostgreSQL connection of a store (SQLAlchemy's too)."""
-    if is_sqlite:
-        return {"timeout": 60}
-    return {
+def sqlite_args() -> dict[str, Any]:
+    return {"timeout": 60}
+
+
+def pg_params(url: URL) -> tuple[URL, dict[str, Any], bool]:
+    """``(url, libpq parameters, through_pgbouncer)`` for a store's PostgreSQL connections.
+
+    ``?tq_pgbouncer=1`` in the URL says the connections go through PgBouncer in transaction
+    mode: no prepared statements, no session settings (set them on the role instead:
+    ``ALTER ROLE ... SET lock_timeout = '5s'``), and ``get()`` polls (no LISTEN).
+    """
+    pgbouncer = str(url.query.get("tq_pgbouncer", "")).lower() in {"1", "true", "yes"}
+    url = url.difference_update_query(["tq_pgbouncer"])
+    args: dict[str, Any] = {
         "connect_timeout": 5,
         "keepalives": 1,
         "keepalives_idle": 5,
         "keepalives_interval": 2,
         "keepalives_count": 3,
         "tcp_user_timeout": 15000,  # ms: unacknowledged data on a frozen link
-        "options": " ".join(f"-c {k}={v}" for k, v in PG_SESSION.items()),
     }
+    if not pgbouncer:
+        own = " ".join(f"-c {k}={v}" for k, v in PG_SESSION.items())
+        extra = url.query.get("options")  # the URL's own options (e.g. search_path) come first
+        args["options"] = f"{extra if isinstance(extra, str) else ' '.join(extra)} {own}" if extra else own
+        url = url.difference_update_query(["options"])
+    return url, args, pgbouncer
 
 
 class DirectConnection:
@@ -78,6 +92,12 @@ class DirectConnection:
         with self._lock:
             self._discard()
 
+    def open_listener(self, channel: str) -> Any:
+        """A new PostgreSQL connection of this store's that listens on ``channel`` (the caller owns it)."""
+        conn = self._open()
+        conn.execute(f"LISTEN {channel}")
+        return conn
+
     def _connection(self) -> Any:
         if self._conn is None or self._pid != os.getpid():
             self._conn, self._pid = self._open(), os.getpid()
@@ -95,12 +115,11 @@ class DirectConnection:
             return conn
         import psycopg
 
-        args = connect_args(False)
-        extra = self.url.query.get("options")  # the URL's own options (e.g. search_path) too
-        if extra:
-            args["options"] = f"{extra if isinstance(extra, str) else ' '.join(extra)} {args['options']}"
-        url = self.url.difference_update_query(["options"]).set(drivername="postgresql")
-        return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True, **args)
+        url, args, pgbouncer = pg_params(self.url)
+        if pgbouncer:
+            args["prepare_threshold"] = None  # PgBouncer's transaction mode has no prepared statements
+        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg.connect(conninfo, autocommit=True, **args)
 
     def _broken(self, conn: Any, exc: Exception) -> bool:
         if self.is_sqlite:

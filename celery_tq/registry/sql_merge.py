@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME
 
-__all__ = ["SQL_TYPES", "tag_upsert_sqlite", "task_upsert"]
+__all__ = ["NOTIFY_CHANNEL", "SQL_TYPES", "tag_upsert_sqlite", "task_upsert"]
+
+NOTIFY_CHANNEL = "tq_done"
 
 # Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
 SQL_TYPES = {
@@ -85,12 +87,15 @@ def task_upsert(dialect: str, rows: int) -> str:
         return upsert
     # The task row stays locked by this statement until it commits, so two writers of one task
     # write its tag rows in the order they merged it: the tag rows carry its latest state.
+    # A terminal write also notifies ``tq_done`` (delivered at commit) with the task id: it
+    # wakes a client waiting in ``get()``.
     return (
-        f"WITH up AS ({upsert} RETURNING id, state, submitted_at, tags) "
-        "INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
+        f"WITH up AS ({upsert} RETURNING id, state, progress, submitted_at, tags), "
+        "tagged AS (INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
         "SELECT up.id, t.tag, up.state, up.submitted_at FROM up "
         "CROSS JOIN LATERAL jsonb_array_elements_text(up.tags::jsonb) AS t(tag) "
-        "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT
+        "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT + ") "
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', up.id) FROM up WHERE up.progress >= {FINAL}"
     )
 
 

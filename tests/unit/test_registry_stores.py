@@ -171,3 +171,21 @@ def test_key_value_space_counts_for_chords(store: Store) -> None:
     assert store.kv_get(["group-y", "missing"]) == [b"payload", None]
     store.kv_delete("group-y")
     assert store.kv_get(["group-y"]) == [None]
+
+
+def test_a_waiter_is_woken_by_the_outcome_write_where_the_store_can(store: Store) -> None:
+    store.write([change("w", "QUEUED", 0, submitted_at=time.time())])
+
+    def ready(task_id: str) -> bool:
+        row = store.read([task_id])[0]
+        return row is not None and row["state"] == "SUCCESS"
+
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(store.wait_for_outcome("w", 30.0, ready)))
+    waiter.start()
+    time.sleep(0.3)  # the waiter listens by now (a write before that is caught by `ready`)
+    store.write([change("w", "STARTED", 0, submitted_at=time.time())])  # not the outcome
+    store.write([change("w", "SUCCESS", 0, submitted_at=time.time(), result="1")])
+    waiter.join(10.0)  # far below the 30 s it would wait unwoken
+    assert not waiter.is_alive()
+    assert woke == [not store.url.startswith("sqlite")]  # SQLite cannot wake anyone: callers poll
