@@ -25,10 +25,11 @@ def render(snap: Snapshot) -> RenderableType:
             f"{wait['p50']} / {wait['p95']}" if wait else "",
         )
     running = Table("task", "id", "priority", "tags", "worker", "age (s)", title="Running")
+    running.columns[1].no_wrap = True
     for r in snap.running:
         running.add_row(
             r["name"] or "",
-            r["id"][:8],
+            r["id"],
             str(r["priority"]),
             ",".join(r["tags"]),
             r["worker"] or "",
@@ -40,5 +41,8 @@ def render(snap: Snapshot) -> RenderableType:
     failures = Table("tag", "failures (last hour)", title="Failures by tag")
     for tag, n in snap.failures_by_tag.items():
         failures.add_row(tag, str(n))
+    for table in (queues, running, totals, failures):
+        if not table.rows:  # an empty panel says so instead of showing a bare header
+            table.add_row("[dim]none[/dim]", *[""] * (len(table.columns) - 1))
     header = f"[bold]celery-tq[/bold] on {snap.broker} at {snap.at}: {snap.throughput_per_min:.0f} tasks/min"
     return Group(header, queues, running, totals, failures)
