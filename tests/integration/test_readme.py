@@ -24,7 +24,7 @@ from tests.ports import free_port
 ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-TQ_COMMAND = re.compile(r"celery -A \S+ tq [^`\n#]*")
+TQ_COMMAND = re.compile(r"celery -A [\w.]*\w tq [a-z][^`\n#]*")
 RUNS_UNTIL_STOPPED = ("status", "exporter")  # without --once
 
 
