@@ -45,7 +45,23 @@ def test_demo_runs_the_mixed_workload_and_exits_zero(tmp_path: Path) -> None:
     assert "TaskTimeout" in out and "IoError" in out and "loading invoice 7" in out
     assert out.count("billing,vip") == 3
     assert f"http://127.0.0.1:{port}/tasks" in out
-    assert f"TQ_DATA_DIR={tmp_path / 'demo'} celery -A examples.shop tq tasks" in out
+    printed = re.search(r"`(TQ_DATA_DIR=\S+ celery -A examples.shop tq tasks)`", out)
+    assert printed is not None and printed.group(1).startswith(f"TQ_DATA_DIR={tmp_path / 'demo'} ")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQ_DATA_DIR", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    celery = str(Path(sys.executable).with_name("celery"))
+    listed = subprocess.run(  # the command as the demo printed it
+        printed.group(1).replace(" celery ", f" {celery} "), shell=True, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 1 + 9  # header and the nine tasks
+
+
+def test_examples_shop_finds_the_demos_files_from_the_checkout_without_a_variable() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TQ_DATA_DIR"}
+    code = "from examples import shop; print(shop.app.conf.result_backend)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == f"tq+sqlite:///{ROOT.resolve() / '.celery_tq' / 'demo' / 'results.db'}"
 
 
 @pytest.fixture

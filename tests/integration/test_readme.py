@@ -137,3 +137,16 @@ def assert_keeps_running(path: Path, argv: list[str], command: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_testing_your_tasks_snippets_pass_under_pytest_in_the_users_project(project: Path) -> None:
+    """The "Testing your tasks" ini and tests, in the Quick start's project, run by pytest there:
+    the plugin is found through its entry point, as in any project that installed celery-tq."""
+    text = section("Testing your tasks")
+    [ini] = blocks(text, "ini")
+    [tests] = blocks(text, "python")
+    (project / "pytest.ini").write_text(ini)
+    (project / "test_shop.py").write_text(tests)
+    done = run(project, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_shop.py"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
