@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
 
 .PHONY: install demo test lint bench
 
@@ -15,7 +16,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The demo needs celery-tq and Flower only, not the test and lint toolchain of [dev].
+$(DEMO_STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[flower]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)

@@ -18,6 +18,14 @@ import celery_tq
 from celery_tq import Priority, errors
 
 
+class CardExpired(Exception):
+    """A user's error whose __init__ takes other arguments than its args: no caller can rebuild it."""
+
+    def __init__(self, order_id: int, month: int) -> None:
+        super().__init__(f"card for order {order_id} expired in month {month}")
+        self.order_id, self.month = order_id, month
+
+
 def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     app = Celery("tqshop", set_as_current=False)
     tq = celery_tq.install(app, preset="development")
@@ -92,6 +100,15 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         from tqshop_private import PrivateError  # only the worker imports this module
 
         raise PrivateError("secret sauce", 7)
+
+    @tq.task(name="tqshop.card_expired", shared=False)
+    def card_expired(order_id: int) -> None:
+        with celery_tq.context("charging order %s", order_id):
+            raise CardExpired(order_id, 3)
+
+    @app.task(name="tqshop.plain_card_expired", shared=False)
+    def plain_card_expired(order_id: int) -> None:
+        raise CardExpired(order_id, 3)
 
     @tq.task(name="tqshop.builtin_error", shared=False)
     def builtin_error() -> None:
