@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from celery_tq.registry.record import FINAL, Query, Row
+from celery_tq.registry.record import FINAL, Query, Row, merge
 
 __all__ = ["RedisStore"]
 
@@ -134,7 +134,7 @@ class RedisStore:
         self.client: Any = redis.Redis.from_url(
             url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=10
         )
-        self._merge = self.client.register_script(_MERGE)
+        self._merge: Any = self.client.register_script(_MERGE)
         self._delete = self.client.register_script(_DELETE)
         self._pubsub: Any = None
         self._wait_lock = threading.Lock()
@@ -171,13 +171,25 @@ class RedisStore:
         return f"{self.prefix}t:{task_id}"
 
     def write(self, changes: Sequence[Row]) -> None:
-        if len(changes) == 1:  # one EVALSHA round trip; a pipeline adds a SCRIPT EXISTS each time
-            self._merge(keys=[self._key(changes[0]["id"])], args=self._args(changes[0]))
+        folded: dict[str, Row] = {}
+        for change in changes:  # one script call per task: a short task's STARTED rides with its outcome
+            folded[change["id"]] = merge(folded.get(change["id"]), change)
+        if len(folded) == 1:  # one EVALSHA round trip
+            (change,) = folded.values()
+            self._merge(keys=[self._key(change["id"])], args=self._args(change))
             return
-        pipe = self.client.pipeline(transaction=False)
-        for change in changes:
-            self._merge(keys=[self._key(change["id"])], args=self._args(change), client=pipe)
-        pipe.execute()
+        # EVALSHA in a plain pipeline: redis-py's script pipelines send SCRIPT EXISTS first each time
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for change in folded.values():
+                pipe.evalsha(self._merge.sha, 1, self._key(change["id"]), *self._args(change))
+            try:
+                pipe.execute()
+                return
+            except redis.exceptions.NoScriptError:  # a restarted or flushed server
+                if attempt == 2:
+                    raise
+                self.client.script_load(_MERGE)
 
     def _args(self, change: Row) -> list[Any]:
         args: list[Any] = [self.prefix, change["id"], FINAL]

@@ -14,6 +14,7 @@ import pytest
 from celery_tq.errors import StorageError
 from celery_tq.registry import Registry, Store, store_for_url
 from celery_tq.registry.record import change
+from tests.private_redis import PrivateRedis
 from tests.registry_support import STORE_KINDS, pg_url, store_url
 
 __all__ = ["pg_url"]  # the fixture, used through store_url
@@ -189,3 +190,18 @@ def test_a_waiter_is_woken_by_the_outcome_write_where_the_store_can(store: Store
     waiter.join(10.0)  # far below the 30 s it would wait unwoken
     assert not waiter.is_alive()
     assert woke == [not store.url.startswith("sqlite")]  # SQLite cannot wake anyone: callers poll
+
+
+def test_the_redis_store_reloads_its_script_after_a_script_flush(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path)  # SCRIPT FLUSH is server-wide: never on the shared Redis
+    server.start()
+    try:
+        store: Any = store_for_url(f"{server.url}/0")
+        store.write([change("a", "QUEUED", 0, submitted_at=1.0), change("b", "QUEUED", 0, submitted_at=1.0)])
+        store.client.script_flush()  # as after a restart of a server without persistence
+        store.write(
+            [change("a", "SUCCESS", 0, submitted_at=1.0), change("b", "SUCCESS", 0, submitted_at=1.0)]
+        )
+        assert [r["state"] for r in store.read(["a", "b"])] == ["SUCCESS", "SUCCESS"]
+    finally:
+        server.stop()
