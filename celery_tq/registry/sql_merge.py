@@ -20,21 +20,18 @@ NOTIFY_CHANNEL = "tq_done"
 
 # Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
 SQL_TYPES = {
-    "priority": "smallint",
-    "progress": "integer",
-    "retries": "integer",
-    "submitted_at": "double precision",
-    "started_at": "double precision",
-    "finished_at": "double precision",
-    "runtime": "double precision",
+    "priority": "int2",
+    "progress": "int4",
+    "retries": "int4",
+    "submitted_at": "float8",
+    "started_at": "float8",
+    "finished_at": "float8",
+    "runtime": "float8",
 }
 
 
-def _set_clauses(old: str, new: str) -> list[str]:
-    newer = (
-        f"({new}.progress > {old}.progress OR ({new}.progress = {old}.progress AND {new}.progress < {FINAL}))"
-    )
-    later = f"(COALESCE({new}.retries, 0) - COALESCE({old}.retries, 0))"
+def _merged(old: str, new: str, newer: str, later: str) -> dict[str, str]:
+    """Each column's merged value as SQL; ``newer``/``later`` are SQL for the rule's two facts."""
     merged: dict[str, str] = {}
     for col in OUTCOME:
         merged[col] = f"CASE WHEN {newer} THEN {new}.{col} ELSE {old}.{col} END"
@@ -55,15 +52,34 @@ def _set_clauses(old: str, new: str) -> list[str]:
         f"CASE WHEN {o} IS NULL THEN {n} WHEN {n} IS NULL THEN {o} WHEN {n} < {o} THEN {n} ELSE {o} END"
     )
     runtime, finished, started = merged["runtime"], merged["finished_at"], merged["started_at"]
+    # NULL in a comparison is NULL, so a missing time leaves the runtime NULL
     merged["runtime"] = (
-        f"CASE WHEN ({runtime}) IS NOT NULL THEN ({runtime}) "
-        f"WHEN ({finished}) IS NOT NULL AND ({started}) IS NOT NULL AND ({finished}) >= ({started}) "
-        f"THEN ({finished}) - ({started}) END"
+        f"COALESCE({runtime}, CASE WHEN {finished} >= {started} THEN {finished} - {started} END)"
     )
-    return [f"{col} = {merged[col]}" for col in COLUMNS if col != "id"]
+    return merged
 
 
-_SET = ", ".join(_set_clauses("tq_tasks", "excluded"))  # the same text for both dialects
+def _facts(old: str, new: str) -> tuple[str, str]:
+    newer = (
+        f"({new}.progress > {old}.progress OR ({new}.progress = {old}.progress AND {new}.progress < {FINAL}))"
+    )
+    return newer, f"(COALESCE({new}.retries, 0) - COALESCE({old}.retries, 0))"
+
+
+_UPDATED = [c for c in COLUMNS if c != "id"]
+# SQLite: one SET clause per column, the rule's facts spelled out in each.
+_SQLITE_SET = ", ".join(
+    f"{col} = {value}"
+    for col, value in _merged("tq_tasks", "excluded", *_facts("tq_tasks", "excluded")).items()
+    if col in _UPDATED
+)
+# PostgreSQL: the facts computed once in a sub-select (and a statement short enough for psycopg
+# to cache its parsed form: it re-parses statements longer than 4 KiB on every execution).
+_PG_MERGED = _merged("o", "excluded", "m.nw", "m.lt")
+_PG_SET = (
+    f"({', '.join(_UPDATED)}) = (SELECT {', '.join(_PG_MERGED[c] for c in _UPDATED)} "
+    f"FROM (SELECT {_facts('o', 'excluded')[0]} AS nw, {_facts('o', 'excluded')[1]} AS lt) AS m)"
+)
 
 
 _TAG_CONFLICT = (
@@ -80,8 +96,9 @@ def _placeholders(dialect: str) -> str:
 def task_upsert(dialect: str, rows: int) -> str:
     """The statement that merges ``rows`` changes (params: each row's COLUMNS, in order)."""
     values = ", ".join([_placeholders(dialect)] * rows)
+    target, merge = ("tq_tasks AS o", _PG_SET) if dialect == "postgresql" else ("tq_tasks", _SQLITE_SET)
     upsert = (
-        f"INSERT INTO tq_tasks ({', '.join(COLUMNS)}) VALUES {values} ON CONFLICT (id) DO UPDATE SET {_SET}"
+        f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES {values} ON CONFLICT (id) DO UPDATE SET {merge}"
     )
     if dialect != "postgresql":
         return upsert
