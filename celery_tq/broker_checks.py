@@ -125,11 +125,14 @@ def _queue_findings(conn: Any, queue: Any, version: str) -> list[Finding]:
 
 
 def _exists(conn: Any, name: str) -> bool:
+    """Whether queue ``name`` exists; connection errors propagate (reported as unreachable)."""
+    from amqp.exceptions import NotFound
+
     channel = conn.channel()
     try:
         channel.queue_declare(queue=name, passive=True)
         return True
-    except Exception:
+    except NotFound:  # 404: the broker closed this channel; the next check opens its own
         return False
     finally:
         with contextlib.suppress(Exception):

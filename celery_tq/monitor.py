@@ -7,6 +7,7 @@ else comes from the registry.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import statistics
 import time
@@ -61,14 +62,21 @@ def queue_depths(app: Celery) -> list[QueueDepth]:
         return _redis_depths(app, names)
     if kind == "embedded":
         return _embedded_depths(app, names)
+    from amqp.exceptions import NotFound
+
     depths = []
     with app.connection_for_read() as conn:
         for name in names:
+            # A channel per queue: a 404 closes the channel it happened on (and kombu would hand
+            # that closed channel back as the default one, so every later queue would read 0).
+            channel: Any = conn.channel()
             try:
-                channel: Any = conn.default_channel
                 _, count, _ = channel.queue_declare(queue=name, passive=True)
-            except Exception:  # not declared yet: nothing waits in it
+            except NotFound:  # not declared yet: nothing waits in it
                 count = 0
+            finally:
+                with contextlib.suppress(Exception):  # already closed by the broker after a 404
+                    channel.close()
             depths.append(QueueDepth(name, None, int(count)))
     return depths
 

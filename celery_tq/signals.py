@@ -11,6 +11,7 @@ states of tasks whose results are ignored. Handlers are connected with
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 import time
 import uuid
@@ -249,7 +250,10 @@ class _Recorder:
             return
         try:
             target = self._target(app)
-        except Exception:  # the first task's handlers report it, as before
+        except Exception as exc:  # the first task's handlers meet it again and report it
+            logging.getLogger("celery_tq.registry").warning(
+                "celery-tq: the registry of this pool process is not reachable yet: %s", exc
+            )
             return
         if target is None:
             idle: Iterable[str] = _RUN_SIGNALS  # records nobody could read: none are kept
@@ -281,8 +285,6 @@ class _Recorder:
             expires = TqSettings.from_app(app).result_expires
             store_for_url(registry_url(app)).purge(time.time() - expires)
         except Exception as exc:  # never takes the worker down
-            import logging
-
             logging.getLogger("celery_tq.registry").error("celery-tq: registry purge failed: %s", exc)
 
 
