@@ -1,7 +1,8 @@
 """``redis://host:port/db``: a hash per task plus sorted-set indexes scored by submitted_at.
 
 Keys (prefix ``tq:``): ``t:<id>`` (the row), ``i:all``, ``i:state:<S>``, ``i:name:<N>``,
-``i:queue:<Q>``, ``i:priority:<P>``, ``i:root_id:<R>``, ``i:tag:<T>`` (indexes), ``kv:<key>``.
+``i:queue:<Q>``, ``i:priority:<P>``, ``i:root_id:<R>`` (the tasks of a canvas, not its root),
+``i:tag:<T>`` (indexes), ``kv:<key>``.
 The forward-only merge and the index moves run in one Lua script per write, so concurrent
 writers never interleave; a batch of writes is one pipeline. A terminal write is also published
 on ``tq:done:<id>``, which wakes a client waiting in ``get()``; ``tq:states`` lists the states seen.
@@ -25,9 +26,11 @@ __all__ = ["RedisStore"]
 _INDEXES = """
 local function indexes(prefix, r)
   local keys = {[prefix .. 'i:all'] = true}
-  for _, f in ipairs({'state', 'name', 'queue', 'priority', 'root_id'}) do
+  for _, f in ipairs({'state', 'name', 'queue', 'priority'}) do
     if r[f] then keys[prefix .. 'i:' .. f .. ':' .. r[f]] = true end
   end
+  -- a task is not indexed under its own id as root (most tasks): queries add the root itself
+  if r['root_id'] and r['root_id'] ~= r['id'] then keys[prefix .. 'i:root_id:' .. r['root_id']] = true end
   if r['tags'] then
     local ok, tags = pcall(cjson.decode, r['tags'])
     if ok and type(tags) == 'table' then
@@ -225,8 +228,20 @@ class RedisStore:
         if len(keys) > 1:
             pipe.delete(source)
         ids = pipe.execute()[1 if len(keys) > 1 else 0]
-        rows = self.read([i.decode() for i in ids])
-        return [r for r in rows if r is not None]
+        rows = [r for r in self.read([i.decode() for i in ids]) if r is not None]
+        root = self._root_row(query)
+        if root is not None and root["id"] not in {r["id"] for r in rows}:
+            rows.append(root)
+            rows.sort(key=lambda r: float(r.get("submitted_at") or 0.0), reverse=True)
+            del rows[query.limit :]
+        return rows
+
+    def _root_row(self, query: Query) -> Row | None:
+        """The root task of a ``root_id`` query, which its own index does not list."""
+        if query.root_id is None:
+            return None
+        row = self.read([query.root_id])[0]
+        return row if row is not None and query.matches(row) else None
 
     def counts(self, query: Query) -> dict[str, int]:
         low, high = _bounds(query)
@@ -251,7 +266,11 @@ class RedisStore:
         if temporary:
             pipe.delete(*temporary)
         results = pipe.execute()
-        return {s: int(results[p]) for s, p in zip(states, positions, strict=True) if results[p]}
+        counted = {s: int(results[p]) for s, p in zip(states, positions, strict=True)}
+        root = self._root_row(query)
+        if root is not None:
+            counted[root["state"]] = counted.get(root["state"], 0) + 1
+        return {s: n for s, n in counted.items() if n}
 
     def delete(self, task_id: str) -> None:
         self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id])
