@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
 
-.PHONY: install demo test lint bench
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+
+.PHONY: install demo test test-lowest lint bench
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +19,14 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The demo needs celery-tq and Flower only, not the test and lint toolchain of [dev].
+$(DEMO_STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[flower]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
@@ -25,6 +36,18 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The lowest versions setup.cfg allows (ci/lowest-constraints.txt), with the unit tests: a
+# widened version range is a tested claim. .ci/run runs it after `make test`.
+$(LOWEST_STAMP): setup.cfg pyproject.toml ci/lowest-constraints.txt
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q -c ci/lowest-constraints.txt -e ".[test]"
+	touch $(LOWEST_STAMP)
+
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST)/bin/python -m pytest -q tests/unit -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) benchmarks/embedded_broker.py

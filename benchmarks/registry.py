@@ -1,188 +1,280 @@
-"""Registry benchmark: celery-tq with its registry vs plain Celery, same broker, pool and run.
+"""Registry benchmark: celery-tq with its registry as the result backend vs plain Celery.
 
-For each pair (Redis store vs Celery's redis backend; PostgreSQL store vs Celery's db backend),
-broker Redis db 12, ``celery worker -P prefork -c 2``:
-  1. ``apply_async`` latency (p50, p99) of M calls with no worker running (QUEUED cost);
-  2. end-to-end throughput: N tasks published, then all results waited for.
-Then queries by tag + state over R records in the SQLite and PostgreSQL stores (p50, p99).
+Throughput: N no-op tasks are queued, then drained by one ``celery worker -P prefork -c 2``;
+the time runs from the worker's start until every task's result is stored. Plain Celery runs
+with prefetch 1 and late ack (what priorities need) and Celery's own redis result backend;
+celery-tq runs its production preset (events, priority, metadata, STARTED records), with the
+broker and store named in the row. Configurations alternate within each round; each ratio is
+the median over the rounds of (celery-tq / its plain baseline in the same round).
 
-Usage: python benchmarks/registry.py [--tasks 2000] [--calls 500] [--records 1000000]
+Latency (broker ``redis://``, same for all): ``apply_async`` p50/p99 with no worker running
+(the client's cost of a call: QUEUED record included) and the ``apply_async(...).get()`` round
+trip p50/p99 of one task at a time with an idle worker.
+
+Usage: python benchmarks/registry.py [--tasks 3000] [--rounds 3] [--calls 500] [--trips 200]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import shlex
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-BROKER = "redis://127.0.0.1:6379/12"
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from celery_tq.testing import WorkerProcess  # noqa: E402
+
+REDIS = "redis://127.0.0.1:6379"
+BROKER_DB, RESULT_DB = 14, 15  # the test suite's transport databases: never run both at once
 PG = "postgresql://postgres@127.0.0.1:5432/test"
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 
-APP = """
-import os
-from celery import Celery
-import celery_tq
+APP = textwrap.dedent(
+    """
+    import os
+    from celery import Celery
 
-app = Celery("benchreg", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
-if os.environ["BENCH_TQ"] == "1":
-    celery_tq.install(app, preset=None)
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                broker_connection_retry_on_startup=True, worker_prefetch_multiplier=4,
-                task_default_queue="bench", task_track_started=True)
+    app = Celery("benchreg")
+    if os.environ["BENCH_TQ"] == "1":
+        import celery_tq
+        celery_tq.install(app, preset="production")
+    else:
+        app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
+    app.conf.update(
+        broker_url=os.environ["BENCH_BROKER"],
+        result_backend=os.environ["BENCH_BACKEND"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
 
-@app.task(name="bench.add", shared=False)
-def add(x, y):
-    return x + y
-"""
+    @app.task(name="bench.noop")
+    def noop(i):
+        return i
+    """
+)
 
 
-def run_pair(label: str, backend: str, tq: bool, tasks: int, calls: int, workdir: Path) -> dict[str, float]:
+class Config:
+    def __init__(self, label: str, broker: str, backend: str, tq: bool, baseline: str) -> None:
+        self.label, self.broker, self.backend, self.tq, self.baseline = label, broker, backend, tq, baseline
+
+    def env(self) -> dict[str, str]:
+        return {
+            "BENCH_BROKER": self.broker,
+            "BENCH_BACKEND": self.backend,
+            "BENCH_TQ": "1" if self.tq else "0",
+        }
+
+
+def configs(pg: str, vhost: str) -> list[Config]:
+    broker, results = f"{REDIS}/{BROKER_DB}", f"{REDIS}/{RESULT_DB}"
+    amqp = AMQP + vhost
+    plain_redis = "plain Celery: redis:// broker, redis backend"
+    plain_amqp = "plain Celery: RabbitMQ broker, redis backend"
+    return [
+        Config(plain_redis, broker, results, False, plain_redis),
+        Config(
+            "celery-tq: redis:// broker, tq+redis:// registry", broker, f"tq+{results}", True, plain_redis
+        ),
+        Config(
+            "celery-tq: tq+redis:// broker, tq+redis:// registry",
+            f"tq+{broker}",
+            f"tq+{results}",
+            True,
+            plain_redis,
+        ),
+        Config(
+            "celery-tq: tq+redis:// broker, tq+postgresql:// registry",
+            f"tq+{broker}",
+            f"tq+{pg}",
+            True,
+            plain_redis,
+        ),
+        Config(plain_amqp, amqp, results, False, plain_amqp),
+        Config("celery-tq: RabbitMQ broker, tq+postgresql:// registry", amqp, f"tq+{pg}", True, plain_amqp),
+    ]
+
+
+def load_app(config: Config, workdir: Path) -> object:
     import importlib
 
-    import redis
-
-    from celery_tq.testing import WorkerProcess
-
-    redis.Redis.from_url(BROKER).flushdb()
-    os.environ.update(BENCH_BROKER=BROKER, BENCH_BACKEND=backend, BENCH_TQ="1" if tq else "0")
+    os.environ.update(config.env())
     sys.modules.pop("benchreg_app", None)
-    app = importlib.import_module("benchreg_app").app
-    add = app.tasks["bench.add"]
-    add.delay(0, 0)  # connect first
-    latencies = []
-    pending = []
+    return importlib.import_module("benchreg_app").app
+
+
+def reset(pg: str) -> None:
+    for db in (BROKER_DB, RESULT_DB):
+        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+    import psycopg
+
+    schema = pg.rsplit("%3D", 1)[1]
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        if conn.execute(f"SELECT to_regclass('{schema}.tq_tasks')").fetchone() != (None,):
+            conn.execute(f"TRUNCATE {schema}.tq_tasks, {schema}.tq_task_tags, {schema}.tq_kv")
+
+
+def done_counter(config: Config, ids: list[str], pg: str) -> Callable[[], int]:
+    if config.backend.startswith("tq+redis"):
+        client = redis.Redis.from_url(config.backend.removeprefix("tq+"))
+        return lambda: sum(int(client.zcard(f"tq:i:state:{s}")) for s in ("SUCCESS", "FAILURE"))
+    if config.backend.startswith("tq+postgresql"):
+        import psycopg
+
+        conn = psycopg.connect(PG, autocommit=True, options=f"-csearch_path={pg.rsplit('%3D', 1)[1]}")
+
+        def count() -> int:
+            try:
+                row = conn.execute(
+                    "SELECT count(*) FROM tq_tasks WHERE state IN ('SUCCESS', 'FAILURE')"
+                ).fetchone()
+            except psycopg.errors.UndefinedTable:
+                return 0
+            return int(row[0]) if row else 0
+
+        return count
+    client = redis.Redis.from_url(config.backend)
+    keys = [f"celery-task-meta-{i}" for i in ids]
+    return lambda: int(client.exists(*keys))
+
+
+def drain(config: Config, tasks: int, workdir: Path, pg: str) -> float:
+    reset(pg)
+    app = load_app(config, workdir)
+    noop = app.tasks["bench.noop"]  # type: ignore[attr-defined]
+    if "amqp" in config.broker:
+        app.control.purge()  # type: ignore[attr-defined]
+    ids = [noop.apply_async((i,)).id for i in range(tasks)]
+    count = done_counter(config, ids, pg)
+    env = {**config.env(), "PYTHONPATH": f"{workdir}:{ROOT}"}
+    with WorkerProcess("benchreg_app", pool="prefork", concurrency=2, cwd=workdir, env=env):
+        t0 = time.perf_counter()
+        deadline = t0 + 600
+        while count() < tasks:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{config.label}: only {count()} of {tasks} done in 600 s")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+    app.close()  # type: ignore[attr-defined]
+    return tasks / elapsed
+
+
+def latency(
+    config: Config, calls: int, trips: int, workdir: Path, pg: str
+) -> tuple[list[float], list[float]]:
+    reset(pg)
+    app = load_app(config, workdir)
+    noop = app.tasks["bench.noop"]  # type: ignore[attr-defined]
+    noop.apply_async((0,))  # connections up
+    publish = []
     for i in range(calls):
         t0 = time.perf_counter()
-        pending.append(add.apply_async((i, i)))
-        latencies.append((time.perf_counter() - t0) * 1000)
-    with WorkerProcess("benchreg_app", pool="prefork", concurrency=2, cwd=workdir):
-        for r in pending:
-            r.get(timeout=120, interval=0.005)
-        t0 = time.perf_counter()
-        results = [add.apply_async((i, 1)) for i in range(tasks)]
-        for r in results:
-            r.get(timeout=300, interval=0.005)
-        elapsed = time.perf_counter() - t0
-    app.close()
-    latencies.sort()
-    return {
-        "p50_ms": statistics.median(latencies),
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
-        "tasks_per_s": tasks / elapsed,
-    }
+        noop.apply_async((i,))
+        publish.append((time.perf_counter() - t0) * 1000)
+    reset(pg)
+    env = {**config.env(), "PYTHONPATH": f"{workdir}:{ROOT}"}
+    trip = []
+    with WorkerProcess("benchreg_app", pool="prefork", concurrency=2, cwd=workdir, env=env):
+        for i in range(20):  # pool processes connect
+            noop.apply_async((i,)).get(timeout=60)
+        for i in range(trips):
+            t0 = time.perf_counter()
+            noop.apply_async((i,)).get(timeout=60)
+            trip.append((time.perf_counter() - t0) * 1000)
+    app.close()  # type: ignore[attr-defined]
+    return publish, trip
 
 
-def query_bench(url: str, records: int) -> dict[str, float]:
-    from sqlalchemy import insert
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
-    from celery_tq.registry import Registry, store_for_url
-    from celery_tq.registry.sql import task_tags, tasks
 
-    store = store_for_url(url)
-    store.read(["warm-up"])  # creates the schema
-    rng = random.Random(1)
-    now = time.time()
-    states = ["SUCCESS"] * 90 + ["FAILURE"] * 5 + ["QUEUED"] * 5
-    tag_names = ["billing", "shipping", "email", "reports", "vip"]
-    engine = store.engine  # type: ignore[attr-defined]
-    for start in range(0, records, 20_000):
-        rows, tags = [], []
-        for i in range(start, min(records, start + 20_000)):
-            tid = f"{i:08d}-{uuid.uuid4().hex[:8]}"
-            state, tag, submitted = rng.choice(states), rng.choice(tag_names), now - rng.random() * 7 * 86400
-            rows.append(
-                {
-                    "id": tid,
-                    "name": f"shop.{tag}",
-                    "state": state,
-                    "progress": 3,
-                    "tags": json.dumps([tag]),
-                    "submitted_at": submitted,
-                    "retries": 0,
-                }
-            )
-            tags.append({"task_id": tid, "tag": tag, "state": state, "submitted_at": submitted})
-        with engine.begin() as conn:
-            conn.execute(insert(tasks), rows)
-            conn.execute(insert(task_tags), tags)
-    registry = Registry(store)
-    timings = []
-    for i in range(300):
-        t0 = time.perf_counter()
-        registry.query(state="FAILURE", tags={"billing"}, since=now - 3600 * (1 + i % 48), limit=50)
-        timings.append((time.perf_counter() - t0) * 1000)
-    timings.sort()
-    return {"p50_ms": statistics.median(timings), "p99_ms": timings[int(len(timings) * 0.99) - 1]}
+def rabbitmq_vhost() -> str:
+    import subprocess
+
+    vhost = f"bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
+    )
+    return vhost
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--tasks", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--trips", type=int, default=200)
     args = parser.parse_args()
-    print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
-    import psycopg
+    print("$ python " + " ".join(shlex.quote(a) for a in sys.argv), flush=True)
+    import subprocess
 
     schema = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
     pg = f"{PG}?options=-csearch_path%3D{schema}"
+    vhost = rabbitmq_vhost()
     workdir = Path(tempfile.mkdtemp())
     (workdir / "benchreg_app.py").write_text(APP)
     sys.path.insert(0, str(workdir))
-    os.environ["PYTHONPATH"] = f"{workdir}:{REPO}"
     try:
-        runs = [
-            ("plain Celery, redis backend", "redis://127.0.0.1:6379/13", False),
-            ("celery-tq, tq+redis store", "tq+redis://127.0.0.1:6379/13", True),
-            (
-                "plain Celery, db backend (PostgreSQL)",
-                f"db+{pg.replace('postgresql', 'postgresql+psycopg')}",
-                False,
-            ),
-            ("celery-tq, tq+postgresql store", f"tq+{pg}", True),
-        ]
-        rows = []
-        for label, backend, tq in runs:
-            import redis
-
-            redis.Redis.from_url("redis://127.0.0.1:6379/13").flushdb()
-            rows.append((label, run_pair(label, backend, tq, args.tasks, args.calls, workdir)))
-        print(f"\nbroker Redis, prefork -c 2, {args.tasks} tasks, {args.calls} apply_async calls")
-        print("| run | apply_async p50 ms | p99 ms | tasks/s | vs plain |")
-        print("|---|---|---|---|---|")
-        for i, (label, r) in enumerate(rows):
-            base = rows[i - i % 2][1]["tasks_per_s"]
+        rows = configs(pg, vhost)
+        rates: dict[str, list[float]] = {c.label: [] for c in rows}
+        ratios: dict[str, list[float]] = {c.label: [] for c in rows}
+        for round_no in range(args.rounds):
+            for config in rows:
+                rates[config.label].append(drain(config, args.tasks, workdir, pg))
+                print(
+                    f"round {round_no + 1}: {config.label}: {rates[config.label][-1]:.0f} tasks/s", flush=True
+                )
+            for config in rows:
+                ratios[config.label].append(rates[config.label][-1] / rates[config.baseline][-1])
+        print(
+            f"\nthroughput: {args.tasks} no-op tasks drained by prefork -c 2, median of {args.rounds} rounds"
+        )
+        print("| configuration | tasks/s | vs plain Celery |")
+        print("|---|---:|---:|")
+        for config in rows:
             print(
-                f"| {label} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['tasks_per_s']:.0f} | "
-                f"{r['tasks_per_s'] / base:.2f}x |"
+                f"| {config.label} | {statistics.median(rates[config.label]):.0f} | "
+                f"{statistics.median(ratios[config.label]):.2f}x |"
             )
-        print(f"\nquery tag=billing + state=FAILURE + since, limit 50, over {args.records} records")
-        print("| store | p50 ms | p99 ms |")
-        print("|---|---|---|")
-        for label, url in (("SQLite", f"sqlite:///{workdir / 'q.db'}"), ("PostgreSQL", pg)):
-            r = query_bench(url, args.records)
-            print(f"| {label} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+        broker, results = f"{REDIS}/{BROKER_DB}", f"{REDIS}/{RESULT_DB}"
+        lat = [
+            Config("plain Celery, redis backend", broker, results, False, ""),
+            Config("celery-tq, tq+redis:// registry", broker, f"tq+{results}", True, ""),
+            Config("celery-tq, tq+postgresql:// registry", broker, f"tq+{pg}", True, ""),
+        ]
+        print(f"\nlatency, redis:// broker: {args.calls} apply_async calls, {args.trips} round trips (ms)")
+        print("| configuration | apply_async p50 | p99 | apply_async().get() p50 | p99 |")
+        print("|---|---:|---:|---:|---:|")
+        for config in lat:
+            publish, trip = latency(config, args.calls, args.trips, workdir, pg)
+            print(
+                f"| {config.label} | {statistics.median(publish):.3f} | {p(publish, 0.99):.3f} | "
+                f"{statistics.median(trip):.2f} | {p(trip, 0.99):.2f} |",
+                flush=True,
+            )
     finally:
-        from celery_tq.registry import _stores
+        import psycopg
 
-        for store in _stores.values():
-            engine = getattr(store, "engine", None)
-            if engine is not None:
-                engine.dispose()
         with psycopg.connect(PG, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
+        for db in (BROKER_DB, RESULT_DB):
+            redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.url import maybe_sanitize_url
 
 from celery_tq.errors import ConfigurationError, StorageError
-from celery_tq.registry import store_for_url
+from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_request
-from celery_tq.registry.record import Row, change, to_record
-from celery_tq.registry.writer import RETRY_FOR, flush_pending, write_with_retry
+from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
+from celery_tq.registry.writer import RETRY_FOR, enqueue, write_with_retry
 from celery_tq.result_errors import StructuredErrorsMixin
 from celery_tq.settings import TqSettings
 
@@ -44,7 +44,7 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
                 'the tq result backend needs a store: result_backend = "tq+sqlite:///path"'
             )
         self.url = url
-        self.store = store_for_url(url)
+        store_for_url(url)  # a bad URL fails here, when the backend is created
         self.retry_for = float(self._app.conf.get("tq_store_retry_timeout") or RETRY_FOR)
         self._task_prefix = bytes_to_str(self.task_keyprefix)
 
@@ -56,13 +56,35 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         no_ack: bool = True,
         on_interval: Any = None,
     ) -> Any:
-        # Celery polls result stores every 0.5 s by default; reading one record is cheap, so a
-        # plain ``get()`` polls every ``tq_result_poll_interval`` (default 20 ms) at most.
-        interval = min(interval, float(self._app.conf.get("tq_result_poll_interval") or 0.02))
-        base: Any = super()
-        return base.wait_for(
-            task_id, timeout=timeout, interval=interval, no_ack=no_ack, on_interval=on_interval
-        )
+        """Celery's polling loop, woken by the store where it can (Redis pub/sub, PostgreSQL NOTIFY).
+
+        Without a wake-up the poll starts at 0.5 ms and doubles up to ``tq_result_poll_interval``
+        (default 20 ms), so a short task's result is seen within about its own run time.
+        """
+        cap = min(interval, float(self._app.conf.get("tq_result_poll_interval") or 0.02))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = self.store.wait_for_outcome
+        delay = 0.0005
+        while True:
+            meta = self.get_task_meta(task_id)
+            if meta["status"] in states.READY_STATES:
+                return meta
+            if on_interval:
+                on_interval()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("The operation timed out.")
+            if not wait(task_id, 1.0 if remaining is None else min(remaining, 1.0), self._is_ready):
+                time.sleep(delay if remaining is None else min(delay, remaining))
+                delay = min(delay * 2, cap)
+
+    def _is_ready(self, task_id: str) -> bool:
+        return self.get_task_meta(task_id)["status"] in states.READY_STATES
+
+    @property
+    def store(self) -> Store:
+        """This process's store (a backend created before a fork must not share its connections)."""
+        return store_for_url(self.url)
 
     def as_uri(self, include_password: bool = False) -> str:
         uri = f"tq+{self.url}"
@@ -77,33 +99,48 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        """One record write per state. STARTED is buffered (written with the outcome when the task
+        is short, else within ``LINGER``); every other state is durable when this returns, so a
+        late-acked task's outcome is stored before its message is acked."""
+        if not is_state_name(state):
+            raise ValueError(f"invalid task state {state!r}: 1 to {STATE_MAX} printable characters")
         now = time.time()
         retries, fields = from_request(request)
         base: Any = super()  # celery-types leaves these helpers out
         meta = base._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = task_id
+        _bound_call(meta)
         if state == states.SUCCESS:
             meta.pop("result", None)
             try:
                 fields["result"] = dumps(result)
             except (TypeError, ValueError) as exc:
                 raise EncodeError(f"{type(result).__name__} is not JSON serializable: {exc}") from exc
-        elif state in states.EXCEPTION_STATES and isinstance(result, dict) and result.get("tq"):
-            fields["error"] = dumps(result["tq"])
+        elif (
+            state in states.EXCEPTION_STATES
+            and isinstance(result, dict)
+            and isinstance(result.get("tq"), dict)
+        ):
+            envelope = result["tq"]  # stored once, in the record's error; Celery's meta is rebuilt from it
+            fields["error"] = dumps(envelope)
+            meta["result"] = {k: v for k, v in result.items() if k != "tq"}
+            if envelope.get("traceback"):
+                meta.pop("traceback", None)
         if state == states.RETRY:
             retries += 1  # the record counts retries already scheduled
+        if state in states.READY_STATES:
+            fields["finished_at"] = now
         if state == states.STARTED:
             fields["started_at"] = now
             if isinstance(result, dict) and result.get("hostname"):
                 fields["worker"] = result["hostname"]
-        if state in states.READY_STATES:
-            fields["finished_at"] = now
+            enqueue(self.store, change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields))
+            return result
         row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
         write_with_retry(self.store, [row], f"{state} of task {task_id}", self.retry_for)
         return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        flush_pending(self.store)  # a QUEUED this process sent is visible at once
         row = self.store.read([task_id])[0]
         if row is None:
             return {"status": states.PENDING, "result": None}
@@ -117,9 +154,15 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
             raise StorageError(f"corrupt result meta: {exc}", record.id) from exc
         if not isinstance(meta, dict):
             raise StorageError("corrupt result meta: not an object", record.id)
-        meta.update(status=record.state, task_id=record.id)
+        # Celery has no QUEUED: a task not started yet is PENDING to its clients.
+        meta.update(status=states.PENDING if record.state == QUEUED else record.state, task_id=record.id)
         if record.state == states.SUCCESS:
             meta["result"] = record.result
+        elif record.error is not None and record.state in states.EXCEPTION_STATES:
+            stored = meta.get("result")
+            meta["result"] = {**(stored if isinstance(stored, dict) else {}), "tq": record.error}
+            if not meta.get("traceback"):
+                meta["traceback"] = record.error.get("traceback")
         meta.setdefault("result", None)
         meta.setdefault("traceback", None)
         meta.setdefault("children", [])
@@ -137,7 +180,6 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         others = [n for n in names if not n.startswith(self._task_prefix)]
         found: dict[str, Any] = {}
         if task_ids:
-            flush_pending(self.store)
             for task_id, row in zip(task_ids, self.store.read(task_ids), strict=True):
                 if row is not None:
                     found[self._task_prefix + task_id] = self.encode(self._meta_of(row))
@@ -181,3 +223,21 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
             return None
         seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
         return seconds or None
+
+
+CALL_META_MAX = 1024  # bytes of JSON: larger args/kwargs are not copied into the record's meta
+
+
+def _bound_call(meta: dict[str, Any]) -> None:
+    """``result_extended`` copies the call's arguments into the meta: only small ones are kept
+    (the record's ``args_repr``/``kwargs_repr`` always say what the call was)."""
+    for key in ("args", "kwargs"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        try:
+            size = len(dumps(value))
+        except (TypeError, ValueError):
+            size = CALL_META_MAX + 1
+        if size > CALL_META_MAX:
+            meta[key] = None

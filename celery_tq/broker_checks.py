@@ -1,8 +1,10 @@
-"""Findings that need the broker itself: RabbitMQ queue arguments and server version."""
+"""Findings that need the servers themselves: can the broker and the registry store be reached,
+RabbitMQ queue arguments and server version."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 from celery import Celery
@@ -11,9 +13,48 @@ from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
 from celery_tq.settings import TqSettings
 
-__all__ = ["amqp_findings"]
+__all__ = ["amqp_findings", "reachability_findings"]
 
 _PRECONDITION_FAILED = 406
+_SETTING = {"broker": "broker_url", "registry store": "result_backend or tq_registry_url"}
+
+
+def reachability_findings(app: Celery) -> list[Finding]:
+    """An error finding for a broker or a registry store that does not answer (RabbitMQ's broker
+    is tried by :func:`amqp_findings`, which inspects it anyway)."""
+    findings: list[Finding] = []
+    kind = broker_kind(app.conf.broker_url)
+    if kind not in {"amqp", "memory"}:
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+        except Exception as exc:
+            findings.append(_unreachable("broker", app.conf.broker_url, exc))
+    from celery_tq.registry import Registry, store_for_url
+    from celery_tq.registry.capture import registry_url
+
+    url = registry_url(app)
+    if not url.startswith(("memory://", "tq+memory://")):
+        try:
+            Registry(store_for_url(url)).query(limit=1)
+        except Exception as exc:
+            findings.append(_unreachable("registry store", url, exc))
+    return findings
+
+
+def _unreachable(what: str, url: str, exc: BaseException) -> Finding:
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return Finding(
+        "error",
+        f"{what.split()[-1]}-unreachable",
+        f"the {what} at {_safe(url)} does not answer: {detail}",
+        f"start it, or fix the URL ({_SETTING[what]})",
+    )
+
+
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", str(url))
 
 
 def amqp_findings(app: Celery) -> list[Finding]:
@@ -41,14 +82,7 @@ def amqp_findings(app: Celery) -> list[Finding]:
             for queue in queues:
                 findings += _queue_findings(conn, queue, version)
     except Exception as exc:  # an unreachable broker is a finding, not a crash of check()
-        findings.append(
-            Finding(
-                "warning",
-                "broker-unreachable",
-                f"could not inspect RabbitMQ queues: {exc}",
-                "run `celery tq check` where the broker is reachable",
-            )
-        )
+        findings.append(_unreachable("broker", app.conf.broker_url, exc))
     return findings
 
 
@@ -91,11 +125,14 @@ def _queue_findings(conn: Any, queue: Any, version: str) -> list[Finding]:
 
 
 def _exists(conn: Any, name: str) -> bool:
+    """Whether queue ``name`` exists; connection errors propagate (reported as unreachable)."""
+    from amqp.exceptions import NotFound
+
     channel = conn.channel()
     try:
         channel.queue_declare(queue=name, passive=True)
         return True
-    except Exception:
+    except NotFound:  # 404: the broker closed this channel; the next check opens its own
         return False
     finally:
         with contextlib.suppress(Exception):

@@ -11,10 +11,23 @@ from typing import Any, NoReturn
 
 import click
 from celery.bin.base import CeleryCommand
+from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
+from celery_tq import checks
+from celery_tq.record_text import (
+    duration,
+    error_line,
+    parse_state,
+    short_ids,
+    short_when,
+    tags_text,
+    traceback_chain,
+    when,
+)
 from celery_tq.registry.capture import registry_url
 from celery_tq.system import system_for
 
@@ -28,11 +41,16 @@ def tq() -> None:
 
 @tq.command(cls=CeleryCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("--offline", is_flag=True, help="Do not connect to the broker and the registry store.")
 @click.pass_context
-def check(ctx: click.Context, as_json: bool) -> None:
-    """Report configuration problems; exit 1 when any finding is an error."""
+def check(ctx: click.Context, as_json: bool, offline: bool) -> None:
+    """Report configuration problems and servers that do not answer; exit 1 on any error."""
     app = ctx.obj.app
-    findings = system_for(app).check()
+    try:
+        system_for(app)
+        findings = checks.run(app, reach=not offline)
+    except Exception as exc:  # an app without tq, a URL that cannot even be parsed
+        _fail(f"celery-tq check: {exc}")
     if as_json:
         click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
     else:
@@ -44,7 +62,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
 def _print_findings(findings: list[Any]) -> None:
     console = Console()
     if not findings:
-        console.print("[green]no findings[/green]: the configuration looks right")
+        console.print("[green]no findings[/green]: the configuration looks right and its servers answer")
         return
     table = Table("level", "code", "finding", "fix")
     colours = {"error": "red", "warning": "yellow", "info": "cyan"}
@@ -76,8 +94,22 @@ def _when(text: str | None) -> datetime | None:
         raise click.BadParameter(f"{text!r} is neither an ISO 8601 time nor a duration like 1h") from None
 
 
+def _state_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        return None if value is None else parse_state(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_COLUMNS = ("id", "name", "state", "prio", "tags", "queue", "submitted", "runtime", "tries", "error")
+
+
 @tq.command(cls=CeleryCommand)
-@click.option("--state", help="SUCCESS, FAILURE, QUEUED, STARTED, RETRY, REVOKED, REJECTED.")
+@click.option(
+    "--state",
+    callback=_state_option,
+    help="SUCCESS, FAILURE, QUEUED, STARTED, RETRY, REVOKED, REJECTED (any case; Flower's words: FAILED).",
+)
 @click.option("--tag", "tags", multiple=True, help="Only tasks with this tag (repeat: all of them).")
 @click.option("--name", help="Only tasks of this name.")
 @click.option("--queue", help="Only tasks sent to this queue.")
@@ -89,29 +121,56 @@ def _when(text: str | None) -> datetime | None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of records.")
 @click.pass_context
 def tasks(ctx: click.Context, /, as_json: bool, **filters: Any) -> None:
-    """List task records, newest first: celery -A mod tq tasks --tag billing --state FAILURE --since 1h"""
+    """List task records, newest first: celery -A mod tq tasks --tag billing --state FAILURE --since 1h
+
+    On a terminal: a table; piped: tab-separated columns with a header line, nothing cut."""
     filters["since"], filters["until"] = _when(filters["since"]), _when(filters["until"])
     filters["tags"] = filters["tags"] or None
-    records = system_for(ctx.obj.app).registry.query(**filters)
+    try:
+        records = system_for(ctx.obj.app).registry.query(**filters)
+    except Exception as exc:  # an app without tq, an unreachable store
+        _fail(f"celery-tq tasks: {exc}")
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in records], indent=2, default=str))
         return
-    table = Table("id", "name", "state", "prio", "tags", "queue", "submitted", "runtime", "tries", "error")
-    for r in records:
-        table.add_row(
+    rows = [
+        (
             r.id,
             r.name or "",
-            _state(r.state),
+            r.state,
             "" if r.priority is None else str(r.priority),
             ",".join(sorted(r.tags)),
             r.queue or "",
-            r.submitted_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if r.submitted_at else "",
-            "" if r.runtime is None else f"{r.runtime:.3f}s",
+            when(r.submitted_at),
+            duration(r.runtime),
             str(r.retries),
-            _error_line(r.error),
+            error_line(r.error),
         )
+        for r in records
+    ]
     console = Console()
+    if not console.is_terminal:
+        click.echo("\t".join(_COLUMNS))
+        for row in rows:
+            click.echo("\t".join(" ".join(cell.split()) for cell in row))
+        return
+    # A terminal gets short unique id prefixes (``tq show`` takes them, as git does); a narrow
+    # one leaves out queue and tries and lists the errors under the table, so nothing is cut.
+    ids = short_ids([r.id for r in records])
+    wide = console.width >= 120
+    shown = [c for c in _COLUMNS if wide or c not in ("queue", "tries", "error")]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in shown:
+        table.add_column(column, no_wrap=column not in ("error", "tags"), overflow="fold")
+    for r, row in zip(records, rows, strict=True):
+        cells = dict(zip(_COLUMNS, row, strict=True))
+        cells.update(id=ids[r.id], submitted=short_when(r.submitted_at))
+        table.add_row(*(_state(cells[c]) if c == "state" else escape(cells[c]) for c in shown))
     console.print(table)
+    if not wide:
+        for r in records:
+            if r.error:
+                console.print(f"{ids[r.id]}: {escape(error_line(r.error))}", highlight=False)
     console.print(f"{len(records)} task(s)")
 
 
@@ -120,8 +179,14 @@ def tasks(ctx: click.Context, /, as_json: bool, **filters: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
 @click.pass_context
 def show(ctx: click.Context, task_id: str, as_json: bool) -> None:
-    """Show one task's record, with its error and traceback; exit 1 if there is none."""
-    record = system_for(ctx.obj.app).registry.get(task_id)
+    """Show one task's record, with its error and the whole traceback; exit 1 if there is none."""
+    try:
+        registry = system_for(ctx.obj.app).registry
+        record = registry.get(task_id)
+        if record is None and len(task_id) >= _MIN_PREFIX:
+            record = _by_prefix(registry, task_id)
+    except Exception as exc:
+        _fail(f"celery-tq show: {exc}")
     if record is None:
         click.echo(f"no record of task {task_id}", err=True)
         sys.exit(1)
@@ -129,20 +194,43 @@ def show(ctx: click.Context, task_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    table = Table("field", "value", show_header=False)
+    shown: dict[str, str] = {}
     for key, value in data.items():
-        if key == "error":
-            value = _error_line(record.error)
-        elif key == "state":
-            value = _state(record.state)
-        table.add_row(key, "" if value is None else str(value))
+        if key in ("submitted_at", "started_at", "finished_at"):
+            shown[key] = when(getattr(record, key))
+        elif key == "runtime":
+            shown[key] = duration(record.runtime)
+        elif key == "tags":
+            shown[key] = tags_text(record.tags)
+        elif key == "error":
+            shown[key] = error_line(record.error)
+        elif key == "result":
+            shown[key] = "" if value is None else json.dumps(value, default=str)
+        else:
+            shown[key] = "" if value is None else str(value)
     console = Console()
+    table = Table("field", "value", show_header=False)
+    for key, text in shown.items():
+        table.add_row(key, _state(text) if key == "state" else escape(text))
     console.print(table)
     if record.error:
+        chain = traceback_chain(record.error)
         for line in record.error.get("context") or ():
-            console.print(f"context: {line}")
-        if record.error.get("traceback"):
-            console.print(record.error["traceback"], markup=False, highlight=False)
+            if f"context: {line}" not in chain:  # the traceback shows them as notes
+                click.echo(f"context: {line}")
+        click.echo(chain)  # as is: long lines stay whole
+
+
+_MIN_PREFIX = 4
+_PREFIX_SCAN = 10_000
+
+
+def _by_prefix(registry: Any, prefix: str) -> Any:
+    """The one record among the newest ``_PREFIX_SCAN`` whose id starts with ``prefix``."""
+    found = [r for r in registry.query(limit=_PREFIX_SCAN) if r.id.startswith(prefix)]
+    if len(found) > 1:
+        _fail(f"celery-tq show: {prefix} is the start of {len(found)} task ids; give more of it")
+    return found[0] if found else None
 
 
 @tq.command(cls=CeleryCommand)
@@ -159,12 +247,6 @@ def purge(ctx: click.Context, older_than: str | None) -> None:
 def _state(state: str) -> str:
     colour = {"SUCCESS": "green", "FAILURE": "red", "RETRY": "yellow", "REVOKED": "magenta"}.get(state)
     return f"[{colour}]{state}[/]" if colour else state
-
-
-def _error_line(error: dict[str, Any] | None) -> str:
-    if not error:
-        return ""
-    return f"{error.get('type')}: {error.get('message')}"
 
 
 @tq.command(cls=CeleryCommand)

@@ -3,6 +3,11 @@
 The encoded form (key ``tq`` beside Celery's own ``exc_type``/``exc_message``/``exc_module``, so
 stock Celery clients still rebuild the class) keeps the type, the fields (``args``), context
 lines, the ``__cause__`` chain and the traceback as text. Tracebacks are never kept live.
+
+An exception whose class does not take its own ``args`` back (``CardExpired(order_id, month)``
+calling ``super().__init__(message)``) can be rebuilt by no caller, and Celery would wrap it in its
+``UnpickleableExceptionWrapper``: the worker turns it into ``ExecutionFailed`` with
+``original_type``, and the encoded form folds the original in (its traceback, its cause).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import traceback
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import TaskPredicate, TaskRevokedError
+from celery.utils.serialization import UnpickleableExceptionWrapper
 from kombu.exceptions import EncodeError
 
 from celery_tq.errors import (
@@ -42,7 +48,7 @@ _CONNECTION_ERROR_MODULES = ("redis", "kombu", "amqp", "psycopg", "sqlalchemy", 
 
 def convert(exc: BaseException, task_name: str, timeout: float | None) -> BaseException:
     """The error the caller should see for ``exc`` raised by (or around) ``task_name``."""
-    if isinstance(exc, TaskError):
+    if isinstance(exc, TaskError | TaskPredicate):  # ours already, or Celery's Retry/Ignore/Reject
         return exc
     converted: TaskError | None = None
     if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
@@ -58,6 +64,8 @@ def convert(exc: BaseException, task_name: str, timeout: float | None) -> BaseEx
         converted = ResourceUnavailable(_describe(exc))
     elif isinstance(exc, OSError):
         converted = IoError(exc.strerror or _describe(exc), str(exc.filename or ""))
+    elif isinstance(exc, UnpickleableExceptionWrapper) or not _rebuilds(exc):
+        converted = _execution_failed(exc, task_name)
     if converted is None:
         return exc
     converted.__cause__ = exc
@@ -69,6 +77,7 @@ def convert(exc: BaseException, task_name: str, timeout: float | None) -> BaseEx
 def encode(exc: BaseException, depth: int = 0) -> dict[str, Any]:
     """A JSON-safe description of ``exc`` and its cause chain."""
     cls = type(exc)
+    original = _folded_original(exc)
     data: dict[str, Any] = {
         "type": cls.__qualname__,
         "module": cls.__module__,
@@ -81,6 +90,11 @@ def encode(exc: BaseException, depth: int = 0) -> dict[str, Any]:
         "task": exc.__dict__.get(TASK_ATTR),
         "attrs": _attributes(exc),
     }
+    if isinstance(exc, ExecutionFailed) and getattr(exc, "original_type", None):
+        data["original_type"] = str(exc.original_type)  # type: ignore[attr-defined]
+    if original is not None:  # the original's own frames, and what caused it
+        data["traceback"] = _original_traceback(original, data["original_type"]) or data["traceback"]
+        exc = original
     cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     if cause is not None and depth < _MAX_CHAIN:
         data["cause"] = encode(cause, depth + 1)
@@ -124,13 +138,67 @@ def _rebuild(data: dict[str, Any], task_name: str) -> Exception:
     args = args if isinstance(args, list) else []
     if cls is not None:
         try:
-            return cls(*args)
+            exc = cls(*args)
         except Exception:  # the class exists but does not take its own args back
             pass
-    error = f"{data.get('module')}.{data.get('type')}: {data.get('message')}"
-    failed = ExecutionFailed(task_name or "?", error)
-    failed.original_type = f"{data.get('module')}.{data.get('type')}"  # type: ignore[attr-defined]
+        else:
+            if isinstance(exc, ExecutionFailed) and data.get("original_type"):
+                exc.original_type = str(data["original_type"])  # type: ignore[attr-defined]
+            return exc
+    original_type = f"{data.get('module')}.{data.get('type')}"
+    message = str(data.get("message") or "")
+    prefix = f"{data.get('type')}: "
+    text = message[len(prefix) :] if message.startswith(prefix) else message
+    failed = ExecutionFailed(task_name or "?", f"{original_type}: {text}")
+    failed.original_type = original_type  # type: ignore[attr-defined]
     return failed
+
+
+def _rebuilds(exc: BaseException) -> bool:
+    """Whether ``type(exc)(*exc.args)`` gives the same exception back (what any caller does)."""
+    try:
+        clone = type(exc)(*exc.args)
+    except Exception:
+        return False
+    return type(clone) is type(exc) and clone.args == exc.args
+
+
+def _execution_failed(exc: BaseException, task_name: str) -> ExecutionFailed:
+    if isinstance(exc, UnpickleableExceptionWrapper):  # Celery's stand-in: name what it wraps
+        original_type = f"{exc.exc_module}.{exc.exc_cls_name}"
+        text = str(getattr(exc, "text", "") or "")
+        error = f"{exc.exc_cls_name}: {text}" if text else str(exc.exc_cls_name)
+    else:
+        original_type = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        error = _describe(exc)
+    failed = ExecutionFailed(task_name or "?", error)
+    failed.original_type = original_type  # type: ignore[attr-defined]
+    return failed
+
+
+def _folded_original(exc: BaseException) -> BaseException | None:
+    """The exception an ``ExecutionFailed`` of :func:`convert` stands for (its direct cause)."""
+    original_type = getattr(exc, "original_type", None)
+    cause = exc.__cause__
+    if not isinstance(exc, ExecutionFailed) or not original_type or cause is None:
+        return None
+    if isinstance(cause, UnpickleableExceptionWrapper):
+        return cause if f"{cause.exc_module}.{cause.exc_cls_name}" == original_type else None
+    return cause if f"{type(cause).__module__}.{type(cause).__qualname__}" == original_type else None
+
+
+def _original_traceback(original: BaseException, original_type: str) -> str | None:
+    """The original's traceback, ending with its own type (never Celery's wrapper)."""
+    if original.__traceback__ is None:
+        return None
+    text = (
+        str(getattr(original, "text", "") or "")
+        if isinstance(original, UnpickleableExceptionWrapper)
+        else str(original)
+    )
+    frames = "".join(traceback.format_tb(original.__traceback__))
+    last = f"{original_type}: {text}" if text else original_type
+    return f"Traceback (most recent call last):\n{frames}{last}\n"
 
 
 def _lookup(module: str, qualname: str) -> type[Exception] | None:

@@ -7,7 +7,7 @@ else comes from the registry.
 
 from __future__ import annotations
 
-import sqlite3
+import contextlib
 import statistics
 import time
 from collections.abc import Iterable
@@ -22,7 +22,6 @@ from celery_tq.settings import TqSettings
 
 __all__ = ["QueueDepth", "Snapshot", "queue_depths", "queue_waits", "snapshot"]
 
-REDIS_SEP = "\x06\x16"  # kombu's priority-list separator
 WINDOW = 3600.0  # failures by tag, throughput and waits look at the last hour
 RECENT_LIMIT = 2000
 
@@ -61,14 +60,21 @@ def queue_depths(app: Celery) -> list[QueueDepth]:
         return _redis_depths(app, names)
     if kind == "embedded":
         return _embedded_depths(app, names)
+    from amqp.exceptions import NotFound
+
     depths = []
     with app.connection_for_read() as conn:
         for name in names:
+            # A channel per queue: a 404 closes the channel it happened on (and kombu would hand
+            # that closed channel back as the default one, so every later queue would read 0).
+            channel: Any = conn.channel()
             try:
-                channel: Any = conn.default_channel
                 _, count, _ = channel.queue_declare(queue=name, passive=True)
-            except Exception:  # not declared yet: nothing waits in it
+            except NotFound:  # not declared yet: nothing waits in it
                 count = 0
+            finally:
+                with contextlib.suppress(Exception):  # already closed by the broker after a 404
+                    channel.close()
             depths.append(QueueDepth(name, None, int(count)))
     return depths
 
@@ -81,24 +87,16 @@ def _redis_depths(app: Celery, names: list[str]) -> list[QueueDepth]:
         depths = []
         for name in names:
             for step in steps:
-                key = name if step == 0 else f"{name}{REDIS_SEP}{step}"
+                key = name if step == 0 else f"{name}{channel.sep}{step}"  # kombu's priority lists
                 priority = to_broker_priority("redis", int(step))  # the inversion is its own inverse
                 depths.append(QueueDepth(name, priority, int(client.llen(key))))
     return depths
 
 
 def _embedded_depths(app: Celery, names: list[str]) -> list[QueueDepth]:
-    from celery_tq.transport.sqlite import db_path
+    from celery_tq.transport.sqlite import db_path, waiting_counts
 
-    path = db_path(str(app.conf.broker_url).removeprefix("tq+"))
-    counts: dict[tuple[str, int], int] = {}
-    if path.exists():
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            rows = db.execute(
-                "SELECT queue, priority, count(*) FROM tq_message WHERE owner IS NULL GROUP BY 1, 2"
-            ).fetchall()
-        db.close()
-        counts = {(q, int(p)): int(n) for q, p, n in rows}
+    counts = waiting_counts(db_path(str(app.conf.broker_url).removeprefix("tq+")))
     return [QueueDepth(q, p, counts.get((q, p), 0)) for q in names for p in range(9, -1, -1)]
 
 

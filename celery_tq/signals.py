@@ -2,14 +2,16 @@
 
 ``QUEUED`` comes from the client (``after_task_publish``, buffered off the caller's thread),
 ``STARTED``/``RETRY``/terminal states from the worker. When the result backend is the ``tq``
-backend on the registry's store, the backend's own write is the record, so only what Celery
-never stores (``QUEUED``, ``REJECTED``) is written here. Handlers are connected with
+backend on the registry's store, the backend is the one writer of the states it stores, so
+only what it never sees is written here: ``QUEUED``, ``REJECTED``, unknown tasks, and the
+states of tasks whose results are ignored. Handlers are connected with
 ``weak=False`` and a ``dispatch_uid`` of the app's own, and ignore other apps.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 import time
 import uuid
@@ -26,7 +28,7 @@ from celery_tq.errors import InvalidInput
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_headers, from_request, registry_url
 from celery_tq.registry.record import QUEUED, change
-from celery_tq.registry.writer import enqueue, flush_all, retract, write_with_retry
+from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
 from celery_tq.settings import TqSettings
 
 __all__ = ["connect"]
@@ -49,8 +51,9 @@ _RUN_SIGNALS = {
     "on_unknown": signals.task_unknown,
     "on_postrun": signals.task_postrun,
 }
-# Those that write nothing when the result backend is the tq backend on the registry's store.
-_BACKEND_WRITES = ("on_retry", "on_success", "on_failure", "on_revoked", "on_unknown")
+# Those that write nothing when the result backend is the tq backend on the registry's store
+# (the outcome handlers stay: they write the states of tasks that ignore their results).
+_BACKEND_WRITES = ("on_unknown",)
 
 
 def connect(app: Celery) -> None:
@@ -149,8 +152,8 @@ class _Recorder:
         if target is None:
             return
         store, backend_writes = target
-        if backend_writes and getattr(task, "track_started", False):
-            return
+        if backend_writes and getattr(task, "track_started", False) and not _ignores_result(task):
+            return  # the backend stores STARTED
         retries, fields = from_request(task.request)
         fields["tags"] = fields["tags"] or _task_tags(task)
         now = time.time()
@@ -215,7 +218,7 @@ class _Recorder:
     ) -> None:
         task_id = task_id or str(getattr(request, "id", "") or "")
         target = self._target(getattr(sender, "app", None), task_id)
-        if target is None or target[1] or not task_id:
+        if target is None or not task_id or (target[1] and not _ignores_result(sender)):
             return
         retries, fields = from_request(request)
         now = time.time()
@@ -231,9 +234,7 @@ class _Recorder:
         elif state == "SUCCESS":
             fields["result"] = _json_or_repr(result)
         row = change(task_id, state, retries, submitted_at=now, **fields)
-        started = retract(target[0], task_id, "STARTED")  # a short task: one write for both
-        rows = [started, row] if started is not None else [row]
-        write_with_retry(target[0], rows, f"{state} of task {task_id}")
+        write_with_retry(target[0], [row], f"{state} of task {task_id}")  # with the buffered STARTED
 
     def on_postrun(self, sender: Any = None, task_id: str = "", **kw: Any) -> None:
         if self._target(getattr(sender, "app", None), task_id) is not None:
@@ -249,7 +250,10 @@ class _Recorder:
             return
         try:
             target = self._target(app)
-        except Exception:  # the first task's handlers report it, as before
+        except Exception as exc:  # the first task's handlers meet it again and report it
+            logging.getLogger("celery_tq.registry").warning(
+                "celery-tq: the registry of this pool process is not reachable yet: %s", exc
+            )
             return
         if target is None:
             idle: Iterable[str] = _RUN_SIGNALS  # records nobody could read: none are kept
@@ -281,9 +285,14 @@ class _Recorder:
             expires = TqSettings.from_app(app).result_expires
             store_for_url(registry_url(app)).purge(time.time() - expires)
         except Exception as exc:  # never takes the worker down
-            import logging
-
             logging.getLogger("celery_tq.registry").error("celery-tq: registry purge failed: %s", exc)
+
+
+def _ignores_result(task: Any) -> bool:
+    """Whether Celery stores nothing for this run (``ignore_result`` on the call or the task)."""
+    request = getattr(task, "request", None)
+    ignore = getattr(request, "ignore_result", None)
+    return bool(getattr(task, "ignore_result", False) if ignore is None else ignore)
 
 
 def _task_tags(task: Any) -> list[str] | None:

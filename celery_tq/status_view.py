@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from rich.console import Group, RenderableType
 from rich.table import Table
 
@@ -25,10 +27,11 @@ def render(snap: Snapshot) -> RenderableType:
             f"{wait['p50']} / {wait['p95']}" if wait else "",
         )
     running = Table("task", "id", "priority", "tags", "worker", "age (s)", title="Running")
+    running.columns[1].no_wrap = True
     for r in snap.running:
         running.add_row(
             r["name"] or "",
-            r["id"][:8],
+            r["id"],
             str(r["priority"]),
             ",".join(r["tags"]),
             r["worker"] or "",
@@ -40,5 +43,18 @@ def render(snap: Snapshot) -> RenderableType:
     failures = Table("tag", "failures (last hour)", title="Failures by tag")
     for tag, n in snap.failures_by_tag.items():
         failures.add_row(tag, str(n))
-    header = f"[bold]celery-tq[/bold] on {snap.broker} at {snap.at}: {snap.throughput_per_min:.0f} tasks/min"
+    for table in (queues, running, totals, failures):
+        if not table.rows:  # an empty panel says so instead of showing a bare header
+            table.add_row("[dim]none[/dim]", *[""] * (len(table.columns) - 1))
+    rate = f"{snap.throughput_per_min:.0f} tasks/min"
+    header = f"[bold]celery-tq[/bold] on {snap.broker} at {_local(snap.at)}: {rate}"
     return Group(header, queues, running, totals, failures)
+
+
+def _local(at: str) -> str:
+    """The snapshot's ISO time as local time for people: ``2026-12-01 10:02:03 CET``."""
+    try:
+        moment = datetime.fromisoformat(at).astimezone()
+    except ValueError:
+        return at
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z").strip()

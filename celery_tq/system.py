@@ -32,7 +32,7 @@ from celery_tq.worker_request import WatchPoolProcesses
 __all__ = ["TaskQueueSystem", "install", "system_for"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-_systems: weakref.WeakKeyDictionary[Celery, TaskQueueSystem] = weakref.WeakKeyDictionary()
+_SYSTEM_ATTR = "_tq_system"  # the app keeps its system: no global map keeps either alive
 
 
 class TaskQueueSystem:
@@ -164,7 +164,7 @@ class TaskQueueSystem:
 
 def install(app: Celery, preset: str | dict[str, Any] | None = "development") -> TaskQueueSystem:
     """Wire celery-tq into ``app`` (idempotent); the preset's settings are defaults only."""
-    system = _systems.get(app)
+    system: TaskQueueSystem | None = app.__dict__.get(_SYSTEM_ATTR)
     if system is not None:
         return system
     preset_settings = presets.resolve(preset)  # an unknown preset fails here, not in the worker
@@ -187,16 +187,16 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     )
     if getattr(app, "configured", False):
         _configure(app, preset_settings)
-    system = _systems[app] = TaskQueueSystem(app)
+    system = app.__dict__[_SYSTEM_ATTR] = TaskQueueSystem(app)
     return system
 
 
 def system_for(app: Celery) -> TaskQueueSystem:
     """The system ``install(app)`` returned; ``ConfigurationError`` if it was never installed."""
-    try:
-        return _systems[app]
-    except KeyError:
-        raise ConfigurationError("celery_tq.install(app) was not called for this app") from None
+    system: TaskQueueSystem | None = app.__dict__.get(_SYSTEM_ATTR)
+    if system is None:
+        raise ConfigurationError("celery_tq.install(app) was not called for this app")
+    return system
 
 
 def _configure(app: Celery, preset_settings: dict[str, Any]) -> None:
@@ -264,8 +264,11 @@ def _registry_for(app: Celery) -> Registry:
 
 
 def _connect_signals(app: Celery) -> None:
+    app_ref = weakref.ref(app)  # a global signal must not keep the app alive
+
     def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-        if getattr(sender, "app", None) is app:
+        app = app_ref()
+        if app is not None and getattr(sender, "app", None) is app:
             pool = get_implementation(sender.pool_cls)
             timeouts.set_pool(pool.__module__.rsplit(".", 1)[-1])
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from pathlib import Path
 
 from celery import Celery
 
 import celery_tq
 from celery_tq import Priority, errors
+
+# The demo's files (broker, results, task records) live in .celery_tq/demo of the checkout, so
+# `celery -A examples.shop tq status` finds them from there without any variable.
+os.environ.setdefault("TQ_DATA_DIR", str(Path(__file__).resolve().parents[1] / ".celery_tq" / "demo"))
 
 app = Celery("shop")
 tq = celery_tq.install(app, preset="development")

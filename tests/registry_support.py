@@ -34,9 +34,9 @@ def pg_url() -> Iterator[str]:
 
     for key, store in list(_stores.items()):
         if schema in key[1]:
-            engine = getattr(store, "engine", None)
-            if engine is not None:
-                engine.dispose()
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
             del _stores[key]
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

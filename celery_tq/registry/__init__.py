@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from celery_tq.errors import ConfigurationError, StorageError
-from celery_tq.registry.record import STATES, Query, Row, TaskRecord, tags_of, to_record
+from celery_tq.registry.record import STATES, Query, Row, TaskRecord, is_state_name, tags_of, to_record
 
 __all__ = ["STATES", "Query", "Registry", "Store", "TaskRecord", "store_for_url"]
 
@@ -31,6 +31,11 @@ class Store(Protocol):
         """Merge each change (see :func:`celery_tq.registry.record.merge`) into its task's row."""
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]: ...
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
+        """Block until a write may have finished ``task_id``, at most ``seconds``; False if this
+        store cannot wake a waiter (the caller then polls). ``is_ready`` is checked after the
+        store starts listening, so a write in between is never missed."""
 
     def query(self, query: Query) -> list[Row]:
         """Rows matching ``query``, newest ``submitted_at`` first, at most ``query.limit``."""
@@ -130,8 +135,8 @@ def _query(
     root_id: str | None,
     limit: int,
 ) -> Query:
-    if state is not None and state not in STATES:
-        raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+    if state is not None and not is_state_name(state):
+        raise ValueError(f"invalid state {state!r}: Celery's states ({', '.join(STATES)}) or a custom one")
     return Query(
         state=state,
         tags=tags_of(tags),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from celery_tq.registry.record import Query, Row, merge
@@ -22,6 +22,7 @@ class MemoryStore:
         self._rows: dict[str, Row] = {}
         self._kv: dict[str, tuple[bytes, float | None]] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     @classmethod
     def named(cls, url: str) -> MemoryStore:
@@ -35,6 +36,15 @@ class MemoryStore:
         with self._lock:
             for new in changes:
                 self._rows[new["id"]] = merge(self._rows.get(new["id"]), new)
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
+        """Return when a write may have finished ``task_id`` (or after ``seconds``)."""
+        with self._changed:
+            if not is_ready(task_id):
+                self._changed.wait(seconds)
+        return True
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:
         with self._lock:

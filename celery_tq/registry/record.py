@@ -3,7 +3,8 @@
 A store keeps *rows*: flat dicts of column values (str, int, float or None; times are epoch
 seconds; ``tags``, ``result``, ``error`` and ``meta`` are JSON text). A write is a partial row
 for one task; :func:`merge` folds it into what is stored so that states only move forward,
-whatever order the writes arrive in. The Redis store runs the same rule in Lua.
+whatever order the writes arrive in. The Redis store runs the same rule in Lua
+(:mod:`.redis`), the SQL stores as one upsert (:mod:`.sql_merge`); one table of cases tests all three.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from celery_tq.errors import StorageError
 
 __all__ = [
     "DESCRIPTIVE",
+    "FINAL",
     "OUTCOME",
     "QUEUED",
     "STATES",
+    "TERMINAL",
     "Query",
     "Row",
     "TaskRecord",
     "change",
+    "is_state_name",
     "merge",
     "progress_of",
+    "supersedes",
     "to_record",
 ]
 
@@ -35,8 +40,14 @@ Row = dict[str, Any]
 QUEUED = "QUEUED"
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED", "REJECTED", "IGNORED")
 STATES = ("QUEUED", "STARTED", "RETRY", *TERMINAL)
-# Within one attempt: queued, (retry scheduled for it), started, finished.
-_RANK = {"QUEUED": 0, "RETRY": 1, "STARTED": 2, **{s: 3 for s in TERMINAL}}
+STATE_MAX = 64  # longest state name a store keeps (custom states included)
+# Within one attempt: queued, (retry scheduled for it), started, custom progress states
+# (``update_state(state="PROGRESS")``), finished. A terminal state is final: it outranks every
+# non-terminal write of any attempt, so a RETRY written for a run cancelled by a lost connection
+# never hides the terminal state of the redelivered run.
+_RANK = {"QUEUED": 0, "RETRY": 1, "STARTED": 2}
+CUSTOM_RANK = 3
+FINAL = 1_000_000  # progress of a terminal state: FINAL + retries * 10
 
 # Newest write wins outright (even with None): what happened to the latest attempt.
 OUTCOME = ("state", "progress", "result", "error", "finished_at", "runtime", "retries", "meta")
@@ -119,8 +130,24 @@ class Query:
 
 
 def progress_of(state: str, retries: int) -> int:
-    """How far along a task is: later attempts first, then the state's rank in its attempt."""
-    return retries * 10 + _RANK.get(state, 3)
+    """How far along a task is: terminal states last, then later attempts, then rank in an attempt."""
+    if state in TERMINAL:
+        return FINAL + retries * 10
+    return retries * 10 + _RANK.get(state, CUSTOM_RANK)
+
+
+def supersedes(new: int, old: int) -> bool:
+    """Whether a write of progress ``new`` decides the outcome over a stored ``old``.
+
+    States only move forward; at equal progress the newer write wins (a second progress
+    update replaces the first), except between terminal states, where the first one stays.
+    """
+    return new > old or (new == old and new < FINAL)
+
+
+def is_state_name(state: str) -> bool:
+    """A state a record can hold: Celery's, ``QUEUED``, or a custom progress state."""
+    return 0 < len(state) <= STATE_MAX and state.isprintable() and not state.isspace()
 
 
 def change(task_id: str, state: str, retries: int = 0, **fields: Any) -> Row:
@@ -141,7 +168,7 @@ def merge(old: Row | None, new: Row) -> Row:
     if not old:
         row = dict(new)
     else:
-        newer = int(new["progress"]) > _progress(old)
+        newer = supersedes(int(new["progress"]), _progress(old))
         row = {"id": old.get("id") or new["id"]}
         for key in OUTCOME:
             row[key] = new.get(key) if newer else old.get(key)
@@ -175,8 +202,8 @@ def to_record(row: Row) -> TaskRecord:
     task_id = str(row.get("id") or "?")
     try:
         state = str(row["state"])
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
+        if not is_state_name(state):
+            raise ValueError(f"invalid state {state!r}")
         tags = json.loads(row.get("tags") or "[]")
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ValueError(f"tags are not a list of strings: {tags!r}")

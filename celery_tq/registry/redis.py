@@ -1,30 +1,36 @@
 """``redis://host:port/db``: a hash per task plus sorted-set indexes scored by submitted_at.
 
 Keys (prefix ``tq:``): ``t:<id>`` (the row), ``i:all``, ``i:state:<S>``, ``i:name:<N>``,
-``i:queue:<Q>``, ``i:priority:<P>``, ``i:root_id:<R>``, ``i:tag:<T>`` (indexes), ``kv:<key>``.
+``i:queue:<Q>``, ``i:priority:<P>``, ``i:root_id:<R>`` (the tasks of a canvas, not its root),
+``i:tag:<T>`` (indexes), ``kv:<key>``.
 The forward-only merge and the index moves run in one Lua script per write, so concurrent
-writers never interleave; a batch of writes is one pipeline.
+writers never interleave; a batch of writes is one pipeline. A terminal write is also published
+on ``tq:done:<id>``, which wakes a client waiting in ``get()``; ``tq:states`` lists the states seen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
-from celery_tq.registry.record import STATES, Query, Row
+from celery_tq.registry.record import FINAL, Query, Row, merge
 
 __all__ = ["RedisStore"]
 
 _INDEXES = """
 local function indexes(prefix, r)
   local keys = {[prefix .. 'i:all'] = true}
-  for _, f in ipairs({'state', 'name', 'queue', 'priority', 'root_id'}) do
+  for _, f in ipairs({'state', 'name', 'queue', 'priority'}) do
     if r[f] then keys[prefix .. 'i:' .. f .. ':' .. r[f]] = true end
   end
+  -- a task is not indexed under its own id as root (most tasks): queries add the root itself
+  if r['root_id'] and r['root_id'] ~= r['id'] then keys[prefix .. 'i:root_id:' .. r['root_id']] = true end
   if r['tags'] then
     local ok, tags = pcall(cjson.decode, r['tags'])
     if ok and type(tags) == 'table' then
@@ -46,13 +52,15 @@ _MERGE = (
     + """
 local key, prefix, id = KEYS[1], ARGV[1], ARGV[2]
 local new = {}
-for i = 3, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+local final = tonumber(ARGV[3])
+for i = 4, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
 local old, fresh = load(key)
 local row = {}
 if fresh then
   for f, v in pairs(new) do row[f] = v end
 else
-  local newer = tonumber(new['progress']) > (tonumber(old['progress']) or -1)
+  local np, op = tonumber(new['progress']), tonumber(old['progress']) or -1
+  local newer = np > op or (np == op and np < final)
   for _, f in ipairs({'state', 'progress', 'result', 'error', 'finished_at', 'runtime', 'retries', 'meta'}) do
     if newer then row[f] = new[f] else row[f] = old[f] end
   end
@@ -96,6 +104,10 @@ if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
 local flat = {}
 for f, v in pairs(row) do table.insert(flat, f); table.insert(flat, v) end
 redis.call('HSET', key, unpack(flat))
+redis.call('SADD', prefix .. 'states', row['state'])
+if tonumber(new['progress']) >= final then  -- wakes a client waiting in get()
+  redis.call('PUBLISH', prefix .. 'done:' .. id, row['state'])
+end
 return 1
 """
 )
@@ -125,23 +137,65 @@ class RedisStore:
         self.client: Any = redis.Redis.from_url(
             url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=10
         )
-        self._merge = self.client.register_script(_MERGE)
+        self._merge: Any = self.client.register_script(_MERGE)
         self._delete = self.client.register_script(_DELETE)
+        self._pubsub: Any = None
+        self._wait_lock = threading.Lock()
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
+        """Return when ``task_id``'s terminal state is written (the merge script publishes it on
+        ``tq:done:<id>``) or after ``seconds``; ``is_ready`` closes the race with the subscription."""
+        channel = f"{self.prefix}done:{task_id}"
+        with self._wait_lock:
+            if self._pubsub is None:
+                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._pubsub
+            try:
+                pubsub.subscribe(channel)
+                try:
+                    if is_ready(task_id):
+                        return True
+                    deadline = time.monotonic() + seconds
+                    while (remaining := deadline - time.monotonic()) > 0:
+                        message = pubsub.get_message(timeout=remaining)
+                        if message and message.get("channel") in (channel, channel.encode()):
+                            return True
+                finally:
+                    pubsub.unsubscribe(channel)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # the caller polls again (through the backend's retries); a new connection next time
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+                time.sleep(min(seconds, 0.1))
+        return True
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}t:{task_id}"
 
     def write(self, changes: Sequence[Row]) -> None:
-        if len(changes) == 1:  # one EVALSHA round trip; a pipeline adds a SCRIPT EXISTS each time
-            self._merge(keys=[self._key(changes[0]["id"])], args=self._args(changes[0]))
+        folded: dict[str, Row] = {}
+        for change in changes:  # one script call per task: a short task's STARTED rides with its outcome
+            folded[change["id"]] = merge(folded.get(change["id"]), change)
+        if len(folded) == 1:  # one EVALSHA round trip
+            (change,) = folded.values()
+            self._merge(keys=[self._key(change["id"])], args=self._args(change))
             return
-        pipe = self.client.pipeline(transaction=False)
-        for change in changes:
-            self._merge(keys=[self._key(change["id"])], args=self._args(change), client=pipe)
-        pipe.execute()
+        # EVALSHA in a plain pipeline: redis-py's script pipelines send SCRIPT EXISTS first each time
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for change in folded.values():
+                pipe.evalsha(self._merge.sha, 1, self._key(change["id"]), *self._args(change))
+            try:
+                pipe.execute()
+                return
+            except redis.exceptions.NoScriptError:  # a restarted or flushed server
+                if attempt == 2:
+                    raise
+                self.client.script_load(_MERGE)
 
     def _args(self, change: Row) -> list[Any]:
-        args: list[Any] = [self.prefix, change["id"]]
+        args: list[Any] = [self.prefix, change["id"], FINAL]
         for field, value in change.items():
             if field != "id" and value is not None:
                 args += [field, value if isinstance(value, str) else repr(value)]
@@ -174,12 +228,28 @@ class RedisStore:
         if len(keys) > 1:
             pipe.delete(source)
         ids = pipe.execute()[1 if len(keys) > 1 else 0]
-        rows = self.read([i.decode() for i in ids])
-        return [r for r in rows if r is not None]
+        rows = [r for r in self.read([i.decode() for i in ids]) if r is not None]
+        root = self._root_row(query)
+        if root is not None and root["id"] not in {r["id"] for r in rows}:
+            rows.append(root)
+            rows.sort(key=lambda r: float(r.get("submitted_at") or 0.0), reverse=True)
+            del rows[query.limit :]
+        return rows
+
+    def _root_row(self, query: Query) -> Row | None:
+        """The root task of a ``root_id`` query, which its own index does not list."""
+        if query.root_id is None:
+            return None
+        row = self.read([query.root_id])[0]
+        return row if row is not None and query.matches(row) else None
 
     def counts(self, query: Query) -> dict[str, int]:
         low, high = _bounds(query)
-        states = [query.state] if query.state else list(STATES)
+        states = (
+            [query.state]
+            if query.state
+            else sorted(m.decode() for m in self.client.smembers(f"{self.prefix}states"))
+        )
         pipe = self.client.pipeline(transaction=True)
         temporary, positions, position = [], [], 0
         for state in states:
@@ -196,7 +266,11 @@ class RedisStore:
         if temporary:
             pipe.delete(*temporary)
         results = pipe.execute()
-        return {s: int(results[p]) for s, p in zip(states, positions, strict=True) if results[p]}
+        counted = {s: int(results[p]) for s, p in zip(states, positions, strict=True)}
+        root = self._root_row(query)
+        if root is not None:
+            counted[root["state"]] = counted.get(root["state"], 0) + 1
+        return {s: n for s, n in counted.items() if n}
 
     def delete(self, task_id: str) -> None:
         self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id])

@@ -3,17 +3,17 @@
 Tables: ``tq_tasks`` (one row per task; indexes on state, name, queue, root id, submitted_at),
 ``tq_task_tags`` (one row per task and tag, carrying the task's state and submitted_at so a
 query by tag + state is one index range, newest first), ``tq_kv`` (group/chord bookkeeping) and
-``tq_schema`` (the schema version). A write reads the rows it changes under a lock (``SELECT ...
-FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), merges forward-only, and writes
-task and tag rows in the same transaction.
+``tq_schema`` (the schema version). A batch of writes is one multi-row upsert that merges
+forward-only on the server (:mod:`.sql_merge`), over the store's direct connection
+(:mod:`.sql_conn`); queries and the key-value space go through SQLAlchemy.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    bindparam,
     create_engine,
     delete,
     event,
@@ -45,11 +44,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql import ColumnElement, FromClause
 
 from celery_tq.errors import StorageError
-from celery_tq.registry.record import COLUMNS, Query, Row, merge
+from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, merge
+from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
+from celery_tq.registry.sql_merge import NOTIFY_CHANNEL, tag_upsert_sqlite, task_upsert
 
 __all__ = ["SCHEMA_VERSION", "SqlStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: state names up to 64 characters (custom states); terminal states are final
 ID = String(155)
 metadata = MetaData()
 tasks = Table(
@@ -57,7 +58,7 @@ tasks = Table(
     metadata,
     Column("id", ID, primary_key=True),
     Column("name", String(255)),
-    Column("state", String(16), nullable=False),
+    Column("state", String(STATE_MAX), nullable=False),
     Column("progress", Integer, nullable=False),
     Column("priority", SmallInteger),
     Column("tags", Text),
@@ -87,7 +88,7 @@ task_tags = Table(
     metadata,
     Column("task_id", ID, primary_key=True),
     Column("tag", String(64), primary_key=True),
-    Column("state", String(16)),
+    Column("state", String(STATE_MAX)),
     Column("submitted_at", Double),
     Index("tq_task_tags_state", "tag", "state", "submitted_at"),
     Index("tq_task_tags_recent", "tag", "submitted_at"),
@@ -111,15 +112,59 @@ class SqlStore:
         if parsed.drivername in {"postgresql", "postgres"}:
             parsed = parsed.set(drivername="postgresql+psycopg")
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.through_pgbouncer = False
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(parsed, connect_args={"timeout": 60})
+            self.engine: Engine = create_engine(parsed, connect_args=sqlite_args())
             _sqlite_locking(self.engine)
         else:
-            self.engine = create_engine(parsed, pool_pre_ping=True)
+            engine_url, args, self.through_pgbouncer = pg_params(parsed)
+            if self.through_pgbouncer:
+                args["prepare_threshold"] = None
+            self.engine = create_engine(engine_url, pool_pre_ping=True, pool_size=2, connect_args=args)
+        self.direct = DirectConnection(parsed, self.is_sqlite)
+        self.dialect = "sqlite" if self.is_sqlite else "postgresql"
+        self._listener: Any = None
+        self._seen_done: dict[str, None] = {}
+        self._wait_lock = threading.Lock()
         self._ready = False
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close this process's connections (the store opens them again when used)."""
+        self.direct.close()
+        self.engine.dispose()
+        with self._wait_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                listener.close()
+
+    def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
+        """PostgreSQL: return when ``task_id``'s terminal write is notified on ``tq_done`` (or after
+        ``seconds``); False where the store cannot wake a waiter (SQLite, PgBouncer): poll."""
+        if self.is_sqlite or self.through_pgbouncer:
+            return False
+        with self._wait_lock:
+            try:
+                if self._listener is None or self._listener.closed:
+                    self._listener = self.direct.open_listener(NOTIFY_CHANNEL)
+                if task_id in self._seen_done or is_ready(task_id):
+                    return True
+                for notice in self._listener.notifies(timeout=seconds):
+                    self._seen_done[notice.payload] = None
+                    if len(self._seen_done) > 10_000:  # done ids another waiter of this process may want
+                        del self._seen_done[next(iter(self._seen_done))]
+                    if notice.payload == task_id:
+                        break
+            except Exception:  # a lost listener: the caller polls again; a new one next time
+                listener, self._listener = self._listener, None
+                if listener is not None:
+                    with contextlib.suppress(Exception):
+                        listener.close()
+                time.sleep(min(seconds, 0.1))
+        return True
 
     def _ensure_schema(self) -> None:
         if self._ready:
@@ -132,6 +177,8 @@ class SqlStore:
                         found = conn.execute(select(schema.c.version)).scalar()
                         if found is None:
                             conn.execute(insert(schema).values(version=SCHEMA_VERSION))
+                        elif found == 1:
+                            _migrate_from_1(conn, self.is_sqlite)
                         elif found != SCHEMA_VERSION:
                             raise StorageError(
                                 f"registry schema version {found} in {self.url}; "
@@ -156,57 +203,42 @@ class SqlStore:
         folded: dict[str, Row] = {}
         for change in changes:
             folded[change["id"]] = merge(folded.get(change["id"]), change)
-        for attempt in range(5):
-            try:
-                with self._writing() as conn:
-                    self._write(conn, folded)
-                return
-            except IntegrityError:  # a concurrent first write of the same id: merge again
-                if attempt == 4:
-                    raise
+        ids = sorted(folded)  # one lock order for every writer: concurrent batches never deadlock
+        params = [folded[i].get(c) for i in ids for c in COLUMNS]
+        statement = task_upsert(self.dialect, len(ids))
+        if self.is_sqlite:
+            tags = tag_upsert_sqlite(ids)
 
-    def _write(self, conn: Connection, changes: dict[str, Row]) -> None:
-        stmt = select(tasks).where(tasks.c.id.in_(list(changes)))
-        if not self.is_sqlite:
-            stmt = stmt.with_for_update()
-        existing = {r.id: dict(r._mapping) for r in conn.execute(stmt)}
-        inserts, updates, tag_rows, tag_updates, retagged = [], [], [], [], []
-        for task_id, new in changes.items():
-            old = existing.get(task_id)
-            row = merge(old, new)
-            full = {c: row.get(c) for c in COLUMNS}
-            if old is None:
-                inserts.append(full)
-            else:
-                updates.append({f"v_{k}": v for k, v in full.items()})
-            if full["tags"] and (old is None or old.get("tags") != full["tags"]):
-                if old is not None:
-                    retagged.append(task_id)
-                for tag in json.loads(full["tags"]):
-                    tag_rows.append({**_tag_values(full), "task_id": task_id, "tag": tag})
-            elif full["tags"]:
-                tag_updates.append({"t_id": task_id, **_tag_values(full)})
-        if inserts:
-            conn.execute(insert(tasks), inserts)
-        if updates:
-            values: dict[str, Any] = {c: bindparam(f"v_{c}") for c in COLUMNS if c != "id"}
-            conn.execute(update(tasks).where(tasks.c.id == bindparam("v_id")).values(values), updates)
-        if retagged:
-            conn.execute(delete(task_tags).where(task_tags.c.task_id.in_(retagged)))
-        if tag_rows:
-            conn.execute(insert(task_tags), tag_rows)
-        if tag_updates:
-            conn.execute(
-                update(task_tags)
-                .where(task_tags.c.task_id == bindparam("t_id"))
-                .values(state=bindparam("state"), submitted_at=bindparam("submitted_at")),
-                tag_updates,
-            )
+            def work(conn: Any) -> None:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(statement, params)
+                    conn.execute(tags, ids)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        else:
+
+            def work(conn: Any) -> None:
+                conn.execute(statement, params)
+
+        self.direct.run(work)
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:
         self._ensure_schema()
-        with self.engine.connect() as conn:
-            found = {r.id: _row(r) for r in conn.execute(select(tasks).where(tasks.c.id.in_(task_ids)))}
+        if not task_ids:
+            return []
+        mark = "?" if self.is_sqlite else "%s"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM tq_tasks WHERE id IN ({', '.join([mark] * len(task_ids))})"
+
+        def work(conn: Any) -> list[Any]:
+            return list(conn.execute(sql, list(task_ids)).fetchall())
+
+        found = {}
+        for values in self.direct.run(work):
+            row = {c: v for c, v in zip(COLUMNS, values, strict=True) if v is not None}
+            found[row["id"]] = row
         return [found.get(i) for i in task_ids]
 
     def query(self, query: Query) -> list[Row]:
@@ -337,3 +369,16 @@ def _sqlite_locking(engine: Engine) -> None:
     def on_begin(conn: Connection) -> None:
         write = conn.get_execution_options().get("tq_write")
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _migrate_from_1(conn: Connection, is_sqlite: bool) -> None:
+    """Version 1 to 2: longer state names (PostgreSQL), terminal states ranked final."""
+    if not is_sqlite:
+        for table in ("tq_tasks", "tq_task_tags"):
+            conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN state TYPE varchar({STATE_MAX})")
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.state.in_(TERMINAL), tasks.c.progress < FINAL)
+        .values(progress=FINAL + func.coalesce(tasks.c.retries, 0) * 10)
+    )
+    conn.execute(update(schema).values(version=SCHEMA_VERSION))

@@ -1,13 +1,18 @@
-"""Writes that must not be lost.
+"""The registry's write path in one process: a buffer, a background writer, durable writes.
 
 ``QUEUED`` and ``STARTED`` are written off the caller's thread: :func:`enqueue` appends to a
-per-process buffer that one daemon thread writes in batches (one pipeline or transaction per
-batch), retrying while the store is down. The thread lingers ``LINGER`` s after the first change
-of a batch, so a busy process writes few, larger batches, and a task that finishes within that
-time takes its own ``STARTED`` back (:func:`retract`) to write it with its outcome, in one
-write. Reads in the same process flush the buffer first, and it is flushed at exit.
-Every other state goes through :func:`write_with_retry`: backoff for up to 60 s, then an
-explicit error in the log; the calling worker never dies of it.
+per-process buffer that one daemon thread writes in batches (one store call per batch: a Redis
+pipeline, one multi-row upsert), retrying while the store is down. The thread looks for changes
+every ``LINGER`` s (every ``IDLE_TICK`` s once idle for a while) rather than being woken for each
+one, and lingers ``LINGER`` s after the first change of a batch, so a busy process writes few,
+larger batches.
+Every other state goes through :func:`write_with_retry`, which takes whatever this process
+still has buffered for the store along in the same batch (so a short task's ``STARTED`` and
+the records of what it published travel with its outcome in one round trip), and returns once
+the batch is durable: backoff for up to ``tq_store_retry_timeout``, then an explicit error in
+the log; the calling worker never dies of it. A row the store refuses outright (a
+``StorageError``: a value it cannot hold) is logged with its task id and dropped, alone: it
+never blocks the rows around it. Reads through ``Registry`` flush the buffer first.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from typing import TYPE_CHECKING
 
 from kombu.utils.url import maybe_sanitize_url
 
+from celery_tq.errors import StorageError
 from celery_tq.registry.record import Row
 
 if TYPE_CHECKING:
     from celery_tq.registry import Store
 
-__all__ = ["RETRY_FOR", "enqueue", "flush_all", "flush_pending", "retract", "write_with_retry"]
+__all__ = ["RETRY_FOR", "enqueue", "flush_all", "flush_pending", "write_with_retry"]
 
 logger = logging.getLogger("celery_tq.registry")
 
@@ -36,7 +42,7 @@ RETRY_FOR = 60.0
 MAX_PENDING = 100_000
 BATCH = 500
 LINGER = 0.02
-RETRACT_SCAN = 64
+IDLE_TICK = 0.25
 
 
 class QueuedWriter:
@@ -51,7 +57,6 @@ class QueuedWriter:
         self._idle = threading.Condition(self._lock)
         self._busy = False
         self._urgent = 0
-        self._waiting = False  # in the untimed wait for a first change (not lingering)
         thread = threading.Thread(target=self._run, name="celery-tq-registry", daemon=True)
         thread.start()
 
@@ -61,20 +66,23 @@ class QueuedWriter:
                 lost = self._pending.popleft()
                 logger.error("celery-tq: registry buffer full; QUEUED of task %s not recorded", lost["id"])
             self._pending.append(row)
-            if self._waiting or len(self._pending) >= BATCH:
-                self._has_work.notify()  # a lingering thread is not woken for each change
+            if len(self._pending) >= BATCH:
+                self._has_work.notify()  # else the thread finds it on its next tick: no wake-up per change
 
-    def retract(self, task_id: str, state: str) -> Row | None:
-        """Take back a still-buffered change of ``task_id`` to ``state`` (the latest one)."""
+    def take(self) -> list[Row]:
+        """Take every change still buffered (the caller writes them with its own, in order)."""
         with self._lock:
-            for index in range(len(self._pending) - 1, max(-1, len(self._pending) - 1 - RETRACT_SCAN), -1):
-                row = self._pending[index]
-                if row["id"] == task_id and row["state"] == state:
-                    del self._pending[index]
-                    if not self._pending and not self._busy:
-                        self._idle.notify_all()
-                    return row
-        return None
+            taken = list(self._pending)
+            self._pending.clear()
+            if not self._busy:
+                self._idle.notify_all()
+        return taken
+
+    def put_back(self, rows: list[Row]) -> None:
+        """Give back changes a caller took but could not write: the thread keeps retrying them."""
+        with self._lock:
+            self._pending.extendleft(reversed(rows))
+            self._has_work.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything buffered so far is written; False on timeout."""
@@ -97,10 +105,11 @@ class QueuedWriter:
     def _run(self) -> None:
         while True:
             with self._lock:
+                idle_since = time.monotonic()
                 while not self._pending:
-                    self._waiting = True
-                    self._has_work.wait()
-                    self._waiting = False
+                    # ticks of one linger; slower after a while idle (a change waits at most IDLE_TICK)
+                    idle = time.monotonic() - idle_since > 5.0
+                    self._has_work.wait(IDLE_TICK if idle else self.linger)
                 until = time.monotonic() + self.linger
                 while self._pending and not self._urgent and len(self._pending) < BATCH:
                     remaining = until - time.monotonic()
@@ -117,11 +126,37 @@ class QueuedWriter:
                 self._idle.notify_all()
 
 
+def write_isolating(store: Store, batch: Sequence[Row]) -> None:
+    """Write ``batch``; if the store refuses it outright, write its rows one by one and drop
+    (with an error naming the task) each row it refuses. Other errors propagate (transient)."""
+    try:
+        store.write(batch)
+        return
+    except StorageError as exc:
+        if len(batch) == 1:
+            _refused(batch[0], exc)
+            return
+    for row in batch:
+        try:
+            store.write([row])
+        except StorageError as exc:
+            _refused(row, exc)
+
+
+def _refused(row: Row, exc: StorageError) -> None:
+    logger.error(
+        "celery-tq: the registry store refused the %s record of task %r; dropped (%s)",
+        row.get("state"),
+        str(row.get("id"))[:200],
+        exc,
+    )
+
+
 def _write_until_done(store: Store, batch: list[Row]) -> None:
     delay, failing_since = 0.05, 0.0
     while True:
         try:
-            store.write(batch)
+            write_isolating(store, batch)
         except Exception as exc:
             now = time.monotonic()
             if not failing_since or now - failing_since > RETRY_FOR:
@@ -144,8 +179,12 @@ _writers: dict[tuple[int, int], QueuedWriter] = {}
 _writers_lock = threading.Lock()
 
 
+_exit_hook = False
+
+
 def enqueue(store: Store, row: Row) -> None:
     """Buffer ``row`` for the background writer of ``store`` (in this process)."""
+    global _exit_hook
     key = (os.getpid(), id(store))
     writer = _writers.get(key)
     if writer is None:
@@ -153,13 +192,10 @@ def enqueue(store: Store, row: Row) -> None:
             writer = _writers.get(key)
             if writer is None:
                 writer = _writers[key] = QueuedWriter(store)
+                if not _exit_hook:  # registered with the first writer, never at import
+                    atexit.register(flush_all)
+                    _exit_hook = True
     writer.put(row)
-
-
-def retract(store: Store, task_id: str, state: str) -> Row | None:
-    """Take back ``task_id``'s change to ``state`` if this process has not written it yet."""
-    writer = _writers.get((os.getpid(), id(store)))
-    return writer.retract(task_id, state) if writer is not None else None
 
 
 def flush_pending(store: Store, timeout: float = 10.0) -> None:
@@ -169,7 +205,6 @@ def flush_pending(store: Store, timeout: float = 10.0) -> None:
         writer.flush(timeout)
 
 
-@atexit.register
 def flush_all(timeout: float = 10.0) -> None:
     """Flush every writer of this process (at exit, and when a worker process shuts down)."""
     pid = os.getpid()
@@ -183,16 +218,21 @@ def write_with_retry(store: Store, changes: Sequence[Row], what: str, retry_for:
 
     Returns False (after logging an error naming ``what``) when the store stayed unreachable.
     """
+    writer = _writers.get((os.getpid(), id(store)))
+    buffered = writer.take() if writer is not None else []
+    batch = [*buffered, *changes]
     deadline = time.monotonic() + retry_for
     delay = 0.1
     warned = False
     while True:
         try:
-            store.write(changes)
+            write_isolating(store, batch)
         except Exception as exc:
             remaining = deadline - time.monotonic()
             url = maybe_sanitize_url(store.url)
             if remaining <= 0:
+                if writer is not None and buffered:
+                    writer.put_back(buffered)  # not lost: the background writer keeps trying
                 logger.error(
                     "celery-tq: could not store %s in %s after retrying for %.0f s (%s): this state is lost",
                     what,

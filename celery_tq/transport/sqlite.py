@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -444,3 +444,14 @@ class Transport(virtual.Transport):
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version
+
+
+def waiting_counts(path: Path) -> dict[tuple[str, int], int]:
+    """Messages waiting (not reserved by a consumer) per ``(queue, priority)``, read-only."""
+    if not path.exists():
+        return {}
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        rows = db.execute(
+            "SELECT queue, priority, count(*) FROM tq_message WHERE owner IS NULL GROUP BY 1, 2"
+        ).fetchall()
+    return {(str(q), int(p)): int(n) for q, p, n in rows}

@@ -1,14 +1,12 @@
 """A person opening Flower sees our tasks with their tags and priority: headless Chromium checks it.
 
-Screenshots go to $TQ_ARTIFACTS_DIR (else the test's tmp_path). With TQ_UPDATE_SCREENSHOTS=1 the
-tasks page is also copied to docs/flower-tasks.png, the README's picture (``scripts/screenshots.py``).
+Screenshots go to $TQ_ARTIFACTS_DIR (else the test's tmp_path). The README's picture,
+docs/flower-tasks.png, shows the demo instead (``scripts/screenshots.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -16,9 +14,6 @@ from typing import Any
 
 from tests.integration.conftest import Shop
 from tests.integration.test_flower import DEVELOPMENT, StartFlower
-
-ROOT = Path(__file__).parents[2]
-README_SCREENSHOT = ROOT / "docs" / "flower-tasks.png"
 
 
 def test_flower_pages_show_the_tagged_task(
@@ -75,6 +70,3 @@ def test_flower_pages_show_the_tagged_task(
         page.close()
 
     (artifacts_dir / "flower-tasks.json").write_text(json.dumps(flower.get_json("/api/tasks"), indent=2))
-    if os.environ.get("TQ_UPDATE_SCREENSHOTS") == "1":
-        README_SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(artifacts_dir / "flower-tasks.png", README_SCREENSHOT)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from celery_tq import errors
+from celery_tq.system import system_for
 
 from .conftest import Shop
 
@@ -81,6 +83,26 @@ def test_error_class_the_caller_cannot_import_arrives_as_execution_failed(redis_
     assert caught.value.task_name == "tqshop.private_error"
     assert "tqshop_private.PrivateError" in caught.value.error
     assert "secret sauce" in caught.value.error
+
+
+@pytest.mark.parametrize("task", ["tqshop.card_expired", "tqshop.plain_card_expired"])
+def test_error_class_with_its_own_init_arrives_as_execution_failed_with_original_type(
+    embedded_shop: Shop, task: str
+) -> None:
+    embedded_shop.start_worker(concurrency=1)
+    result = embedded_shop.app.tasks[task].delay(5)
+    with pytest.raises(errors.ExecutionFailed) as caught:
+        result.get(timeout=30)
+    exc = caught.value
+    assert exc.original_type == "tqshop.CardExpired"  # type: ignore[attr-defined]
+    assert "card for order 5 expired in month 3" in exc.error
+    assert "Unpickleable" not in exc.error
+    assert exc.remote_traceback and "raise CardExpired(order_id, 3)" in exc.remote_traceback
+    record = system_for(embedded_shop.app).registry.get(result.id)
+    assert record is not None and record.error is not None
+    assert record.error["type"] == "ExecutionFailed"
+    assert "Unpickleable" not in json.dumps(record.error)
+    assert record.error["message"].count("ExecutionFailed") == 1
 
 
 def test_worker_killed_mid_task_reaches_caller_as_worker_lost(redis_shop: Shop) -> None:

@@ -86,7 +86,8 @@ def test_every_task_is_recorded_from_queued_to_its_end(registry_shop: RegistrySh
     queued = sleep.apply_async((0.5,), tags={"billing", "vip"}, priority=8)
 
     record = registry.get(queued.id)  # no worker runs yet
-    assert record is not None and record.state == "QUEUED" and queued.state == "QUEUED"
+    # the registry says QUEUED; Celery, which has no such state, reads PENDING
+    assert record is not None and record.state == "QUEUED" and queued.state == "PENDING"
     assert (record.name, record.priority, record.tags) == ("tqshop.sleep", 8, frozenset({"billing", "vip"}))
     assert record.queue == "tq.default" and record.args_repr == "(0.5,)"
     assert registry.get("never-sent") is None
@@ -139,6 +140,29 @@ def test_every_task_is_recorded_from_queued_to_its_end(registry_shop: RegistrySh
     assert sorted(r.id for r in records) == sorted([root, result.id])
     assert all(r.state == "SUCCESS" for r in records)
     assert registry.get(result.id).parent_id == root  # type: ignore[union-attr]
+
+
+def test_custom_progress_states_and_ignored_results_are_recorded(registry_shop: RegistryShop) -> None:
+    app, registry = registry_shop.app, registry_shop.registry
+    registry_shop.start()
+    running = app.tasks["tqshop.progress"].delay(1.5)
+    deadline = time.monotonic() + 30
+    while running.state != "PROGRESS":
+        assert time.monotonic() < deadline, f"no PROGRESS state seen (last {running.state})"
+        time.sleep(0.02)
+    assert running.info == {"done": 1, "of": 2}  # Celery's meta, as update_state stored it
+    record = registry.get(running.id)
+    assert record is not None and record.state == "PROGRESS"
+    assert [r.id for r in registry.query(state="PROGRESS")] == [running.id]
+    assert running.get(timeout=30) == "finished"
+    assert registry.get(running.id).state == "SUCCESS"  # type: ignore[union-attr]
+
+    ignored = app.tasks["tqshop.add"].apply_async((2, 3), ignore_result=True)
+    deadline = time.monotonic() + 30
+    while (r := registry.get(ignored.id)) is None or r.state != "SUCCESS":
+        assert time.monotonic() < deadline, f"the ignored-result task's record: {r}"
+        time.sleep(0.05)
+    assert r.result == 5
 
 
 def test_concurrent_clients_and_worker_processes_leave_one_record_per_task(

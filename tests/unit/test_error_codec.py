@@ -313,6 +313,71 @@ def test_exception_class_that_cannot_take_its_args_back_becomes_execution_failed
     assert "3 x sku-1" in decoded.error
 
 
+def card_expired() -> BaseException:
+    def charge_card() -> None:
+        with celery_tq.context("charging order %s", 5):
+            try:
+                raise KeyError("card-5")
+            except KeyError as exc:
+                raise PickyError("card-5", 3) from exc
+
+    return raised(charge_card)
+
+
+def test_worker_turns_a_class_that_cannot_take_its_args_back_into_execution_failed() -> None:
+    converted = error_codec.convert(card_expired(), "shop.charge", None)
+    assert type(converted) is ExecutionFailed
+    assert converted.original_type == f"{__name__}.PickyError"  # type: ignore[attr-defined]
+    assert converted.error == "PickyError: 3 x card-5"
+    assert converted.context == ["charging order 5"]
+
+
+def test_execution_failed_for_an_unrebuildable_class_keeps_original_type_traceback_and_cause() -> None:
+    original = card_expired()
+    failed = error_codec.convert(original, "shop.charge", None)
+    try:  # as TqTask raises it: from the original
+        raise failed from original
+    except ExecutionFailed as exc:
+        decoded = over_json(exc, "shop.charge")
+    assert type(decoded) is ExecutionFailed
+    assert decoded.original_type == f"{__name__}.PickyError"  # type: ignore[attr-defined]
+    assert decoded.context == ["charging order 5"]
+    assert decoded.remote_traceback is not None
+    assert "charge_card" in decoded.remote_traceback  # the user's own frame
+    assert decoded.remote_traceback.rstrip().endswith(f"{__name__}.PickyError: 3 x card-5")
+    assert type(decoded.__cause__) is KeyError  # the original's cause, not the original again
+
+
+def test_celerys_unpickleable_wrapper_becomes_execution_failed_naming_the_wrapped_class() -> None:
+    from celery.utils.serialization import UnpickleableExceptionWrapper, get_pickleable_exception
+
+    wrapped = get_pickleable_exception(card_expired())  # what Celery's tracer stores for a plain task
+    assert isinstance(wrapped, UnpickleableExceptionWrapper)
+    converted = error_codec.convert(wrapped, "shop.charge", None)
+    converted.__cause__ = wrapped
+    data = error_codec.encode(converted)
+    assert "Unpickleable" not in json.dumps(data)
+    decoded = error_codec.decode(json.loads(json.dumps(data)), "shop.charge")
+    assert type(decoded) is ExecutionFailed
+    assert decoded.original_type == f"{__name__}.PickyError"  # type: ignore[attr-defined]
+    assert decoded.remote_traceback is not None and "charge_card" in decoded.remote_traceback
+
+
+def test_encoded_message_names_the_type_once() -> None:
+    data = error_codec.encode(error_codec.convert(card_expired(), "shop.charge", None))
+    assert data["message"] == "ExecutionFailed: task shop.charge failed: PickyError: 3 x card-5"
+    gone = type("GoneError", (Exception,), {"__module__": "vanished_plugin.errors"})
+    decoded = over_json(thrown(gone("boom")), "shop.charge")
+    assert decoded.error == "vanished_plugin.errors.GoneError: boom"  # type: ignore[attr-defined]
+
+
+def test_celerys_retry_is_never_converted() -> None:
+    from celery.exceptions import Retry
+
+    retry = Retry("again", ValueError("x"), 5)
+    assert error_codec.convert(retry, "shop.charge", None) is retry
+
+
 def test_decoding_a_payload_naming_os_system_never_calls_it(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Any] = []
     monkeypatch.setattr(os, "system", lambda *args: calls.append(args))

@@ -14,6 +14,7 @@ import pytest
 from celery_tq.errors import StorageError
 from celery_tq.registry import Registry, Store, store_for_url
 from celery_tq.registry.record import change
+from tests.private_redis import PrivateRedis
 from tests.registry_support import STORE_KINDS, pg_url, store_url
 
 __all__ = ["pg_url"]  # the fixture, used through store_url
@@ -153,7 +154,7 @@ def test_corrupt_record_is_a_storage_error_naming_its_id(store: Store) -> None:
 
 def corrupt(store: Any, task_id: str) -> None:
     if hasattr(store, "client"):  # redis
-        store.client.hset(f"tq:t:{task_id}", "state", "NOT-A-STATE")
+        store.client.hset(f"tq:t:{task_id}", "tags", "{not json")
     elif hasattr(store, "engine"):
         from sqlalchemy import update
 
@@ -171,3 +172,36 @@ def test_key_value_space_counts_for_chords(store: Store) -> None:
     assert store.kv_get(["group-y", "missing"]) == [b"payload", None]
     store.kv_delete("group-y")
     assert store.kv_get(["group-y"]) == [None]
+
+
+def test_a_waiter_is_woken_by_the_outcome_write_where_the_store_can(store: Store) -> None:
+    store.write([change("w", "QUEUED", 0, submitted_at=time.time())])
+
+    def ready(task_id: str) -> bool:
+        row = store.read([task_id])[0]
+        return row is not None and row["state"] == "SUCCESS"
+
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(store.wait_for_outcome("w", 30.0, ready)))
+    waiter.start()
+    time.sleep(0.3)  # the waiter listens by now (a write before that is caught by `ready`)
+    store.write([change("w", "STARTED", 0, submitted_at=time.time())])  # not the outcome
+    store.write([change("w", "SUCCESS", 0, submitted_at=time.time(), result="1")])
+    waiter.join(10.0)  # far below the 30 s it would wait unwoken
+    assert not waiter.is_alive()
+    assert woke == [not store.url.startswith("sqlite")]  # SQLite cannot wake anyone: callers poll
+
+
+def test_the_redis_store_reloads_its_script_after_a_script_flush(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path)  # SCRIPT FLUSH is server-wide: never on the shared Redis
+    server.start()
+    try:
+        store: Any = store_for_url(f"{server.url}/0")
+        store.write([change("a", "QUEUED", 0, submitted_at=1.0), change("b", "QUEUED", 0, submitted_at=1.0)])
+        store.client.script_flush()  # as after a restart of a server without persistence
+        store.write(
+            [change("a", "SUCCESS", 0, submitted_at=1.0), change("b", "SUCCESS", 0, submitted_at=1.0)]
+        )
+        assert [r["state"] for r in store.read(["a", "b"])] == ["SUCCESS", "SUCCESS"]
+    finally:
+        server.stop()

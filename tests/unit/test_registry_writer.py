@@ -1,14 +1,19 @@
-"""The background writer: batches after a short linger, retraction, and flush on demand."""
+"""The write path of one process: batches after a short linger, durable writes that take the
+buffer along, refused rows isolated, flush on demand."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
+import pytest
+
+from celery_tq.errors import StorageError
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.record import QUEUED, change
-from celery_tq.registry.writer import QueuedWriter
+from celery_tq.registry.writer import QueuedWriter, enqueue, flush_pending, write_with_retry
 
 
 def _store() -> Store:
@@ -39,26 +44,52 @@ def test_flush_writes_at_once_whatever_the_linger() -> None:
     assert _state(store, "a") == QUEUED
 
 
-def test_a_short_task_takes_its_started_back_before_it_is_written() -> None:
-    store = _store()
-    writer = QueuedWriter(store, linger=60)
-    writer.put(change("a", QUEUED, name="t"))
-    writer.put(change("b", "STARTED", name="t", started_at=1.0))
-    started = writer.retract("b", "STARTED")
-    assert started is not None and started["started_at"] == 1.0
-    assert writer.retract("b", "STARTED") is None  # taken once
-    assert writer.retract("a", "STARTED") is None  # only the state asked for
-    assert writer.flush(timeout=5)
-    assert _state(store, "b") is None  # never written by the writer
-    assert _state(store, "a") == QUEUED
+class CountingStore:
+    """A memory store that records each batch it is asked to write and refuses one task id."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.inner = _store()
+        self.url = self.inner.url
+        self.batches: list[list[str]] = []
+        self.refuse = refuse
+
+    def write(self, changes: Any) -> None:
+        self.batches.append([c["id"] for c in changes])
+        if any(c["id"] == self.refuse for c in changes):
+            raise StorageError("value too long for type character varying(155)")
+        self.inner.write(changes)
+
+    def read(self, task_ids: Any) -> Any:
+        return self.inner.read(task_ids)
 
 
-def test_retracting_everything_leaves_nothing_to_wait_for() -> None:
-    store = _store()
+def test_a_durable_write_takes_what_the_process_buffered_along_in_one_batch() -> None:
+    store: Any = CountingStore()
+    enqueue(store, change("child", QUEUED, name="t"))  # what the task published
+    enqueue(store, change("a", "STARTED", name="t", started_at=1.0))
+    assert write_with_retry(store, [change("a", "SUCCESS", name="t")], "SUCCESS of a", retry_for=5)
+    assert store.batches == [["child", "a", "a"]]  # one round trip for all three
+    assert (_state(store.inner, "a"), _state(store.inner, "child")) == ("SUCCESS", QUEUED)
+    flush_pending(store)
+    assert store.batches == [["child", "a", "a"]]  # nothing left for the background writer
+
+
+def test_a_row_the_store_refuses_is_dropped_alone_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    store: Any = CountingStore(refuse="x" * 200)
+    rows = [change("before", QUEUED, name="t"), change("x" * 200, QUEUED, name="t"), change("after", QUEUED)]
+    with caplog.at_level(logging.ERROR, logger="celery_tq.registry"):
+        assert write_with_retry(store, rows, "three records", retry_for=5)
+    assert (_state(store.inner, "before"), _state(store.inner, "after")) == (QUEUED, QUEUED)
+    assert "refused the QUEUED record of task 'xxxx" in caplog.text
+
+
+def test_the_background_writer_isolates_a_refused_row() -> None:
+    store: Any = CountingStore(refuse="bad")
     writer = QueuedWriter(store, linger=60)
-    writer.put(change("b", "STARTED", name="t"))
-    assert writer.retract("b", "STARTED") is not None
+    for task_id in ("a", "bad", "b"):
+        writer.put(change(task_id, QUEUED, name="t"))
+    assert writer.flush(timeout=5)  # not retried forever
+    assert (_state(store.inner, "a"), _state(store.inner, "b")) == (QUEUED, QUEUED)
+    writer.put(change("c", QUEUED, name="t"))  # later changes still flow
     assert writer.flush(timeout=5)
-    writer.put(change("c", QUEUED, name="t"))  # the thread still serves later changes
-    assert writer.flush(timeout=5)
-    assert _state(store, "c") == QUEUED
+    assert _state(store.inner, "c") == QUEUED

@@ -18,6 +18,14 @@ import celery_tq
 from celery_tq import Priority, errors
 
 
+class CardExpired(Exception):
+    """A user's error whose __init__ takes other arguments than its args: no caller can rebuild it."""
+
+    def __init__(self, order_id: int, month: int) -> None:
+        super().__init__(f"card for order {order_id} expired in month {month}")
+        self.order_id, self.month = order_id, month
+
+
 def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     app = Celery("tqshop", set_as_current=False)
     tq = celery_tq.install(app, preset="development")
@@ -109,6 +117,15 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
 
         raise PrivateError("secret sauce", 7)
 
+    @tq.task(name="tqshop.card_expired", shared=False)
+    def card_expired(order_id: int) -> None:
+        with celery_tq.context("charging order %s", order_id):
+            raise CardExpired(order_id, 3)
+
+    @app.task(name="tqshop.plain_card_expired", shared=False)
+    def plain_card_expired(order_id: int) -> None:
+        raise CardExpired(order_id, 3)
+
     @tq.task(name="tqshop.builtin_error", shared=False)
     def builtin_error() -> None:
         raise KeyError("missing-key")
@@ -137,6 +154,13 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         if self.request.retries < 1:
             raise self.retry(countdown=1.5)
         return int(self.request.retries)
+
+    @tq.task(name="tqshop.progress", shared=False, bind=True)
+    def progress(self: Any, seconds: float) -> str:
+        """Reports a custom PROGRESS state (Celery's documented way), then finishes."""
+        self.update_state(state="PROGRESS", meta={"done": 1, "of": 2})
+        time.sleep(seconds)
+        return "finished"
 
     @tq.task(name="tqshop.unserializable", shared=False)
     def unserializable() -> object:

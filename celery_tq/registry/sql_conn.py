@@ -1,0 +1,155 @@
+"""One direct DBAPI connection per SQL store and process, for the hot path (writes, reads by id).
+
+Autocommit, shared by the process's threads under a lock, reconnected once when broken. On
+PostgreSQL it sets what keeps a lost client from holding anything: TCP keepalives and a TCP user
+timeout (a dead peer is noticed in seconds), ``lock_timeout``, ``statement_timeout`` and
+``idle_in_transaction_session_timeout`` (a statement never waits long on a row lock, and a
+session that died mid-transaction releases its locks). Writes are single statements, so no lock
+is ever held across a client round trip anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import URL
+
+from celery_tq.errors import StorageError
+
+__all__ = ["PG_SESSION", "DirectConnection", "pg_params", "sqlite_args"]
+
+T = TypeVar("T")
+
+PG_SESSION = {
+    "lock_timeout": "5s",
+    "statement_timeout": "30s",
+    "idle_in_transaction_session_timeout": "30s",
+}
+
+
+def sqlite_args() -> dict[str, Any]:
+    return {"timeout": 60}
+
+
+def pg_params(url: URL) -> tuple[URL, dict[str, Any], bool]:
+    """``(url, libpq parameters, through_pgbouncer)`` for a store's PostgreSQL connections.
+
+    ``?tq_pgbouncer=1`` in the URL says the connections go through PgBouncer in transaction
+    mode: no prepared statements, no session settings (set them on the role instead:
+    ``ALTER ROLE ... SET lock_timeout = '5s'``), and ``get()`` polls (no LISTEN).
+    """
+    pgbouncer = str(url.query.get("tq_pgbouncer", "")).lower() in {"1", "true", "yes"}
+    url = url.difference_update_query(["tq_pgbouncer"])
+    args: dict[str, Any] = {
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 15000,  # ms: unacknowledged data on a frozen link
+    }
+    if not pgbouncer:
+        own = " ".join(f"-c {k}={v}" for k, v in PG_SESSION.items())
+        extra = url.query.get("options")  # the URL's own options (e.g. search_path) come first
+        args["options"] = f"{extra if isinstance(extra, str) else ' '.join(extra)} {own}" if extra else own
+        url = url.difference_update_query(["options"])
+    return url, args, pgbouncer
+
+
+class DirectConnection:
+    """The store's own connection in this process (opened on first use, again after a fork)."""
+
+    def __init__(self, url: URL, is_sqlite: bool) -> None:
+        self.url = url
+        self.is_sqlite = is_sqlite
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._pid = 0
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        """``work(dbapi_connection)``, once more on a fresh connection if this one was broken."""
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    return work(conn)
+                except Exception as exc:
+                    if attempt == 2 or not self._broken(conn, exc):
+                        refused = _permanent(exc)
+                        if refused is not None:
+                            raise refused from exc
+                        raise
+                    self._discard()
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard()
+
+    def open_listener(self, channel: str) -> Any:
+        """A new PostgreSQL connection of this store's that listens on ``channel`` (the caller owns it)."""
+        conn = self._open()
+        conn.execute(f"LISTEN {channel}")
+        return conn
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._pid != os.getpid():
+            self._conn, self._pid = self._open(), os.getpid()
+        return self._conn
+
+    def _open(self) -> Any:
+        if self.is_sqlite:
+            path = self.url.database or ":memory:"
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            return conn
+        import psycopg
+
+        url, args, pgbouncer = pg_params(self.url)
+        if pgbouncer:
+            args["prepare_threshold"] = None  # PgBouncer's transaction mode has no prepared statements
+        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return psycopg.connect(conninfo, autocommit=True, **args)
+
+    def _broken(self, conn: Any, exc: Exception) -> bool:
+        if self.is_sqlite:
+            return False
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError) and bool(conn.broken or conn.closed)
+
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):  # already gone
+                conn.close()
+
+
+def _permanent(exc: Exception) -> StorageError | None:
+    """A ``StorageError`` when the data itself is refused (retrying cannot help), else None."""
+    kinds: tuple[type[BaseException], ...] = (
+        sqlite3.DataError,
+        sqlite3.IntegrityError,
+        sqlite3.InterfaceError,
+    )
+    try:
+        import psycopg
+
+        kinds += (psycopg.DataError, psycopg.IntegrityError)
+    except ImportError:  # no PostgreSQL driver installed
+        pass
+    if isinstance(exc, kinds):
+        error = StorageError(f"the store refused the record: {exc}")
+        error.__cause__ = exc
+        return error
+    return None

@@ -1,0 +1,126 @@
+"""The forward-only merge of :func:`celery_tq.registry.record.merge` as one SQL upsert.
+
+A batch of changes (already folded per task id in Python) becomes ONE statement: a multi-row
+``INSERT ... ON CONFLICT (id) DO UPDATE`` whose ``SET`` clauses apply the merge rule server-side,
+so no row is read by the client and no lock outlives the statement. On PostgreSQL the tag rows
+are upserted by the same statement (a data-modifying CTE); SQLite runs a second statement in the
+same (local, file-locked) transaction. ``tests/unit/test_merge_rule.py`` checks this SQL, the
+Python rule and the Redis store's Lua against one table of cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME
+
+__all__ = ["NOTIFY_CHANNEL", "SQL_TYPES", "tag_upsert_sqlite", "task_upsert"]
+
+NOTIFY_CHANNEL = "tq_done"
+
+# Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
+SQL_TYPES = {
+    "priority": "int2",
+    "progress": "int4",
+    "retries": "int4",
+    "submitted_at": "float8",
+    "started_at": "float8",
+    "finished_at": "float8",
+    "runtime": "float8",
+}
+
+
+def _merged(old: str, new: str, newer: str, later: str) -> dict[str, str]:
+    """Each column's merged value as SQL; ``newer``/``later`` are SQL for the rule's two facts."""
+    merged: dict[str, str] = {}
+    for col in OUTCOME:
+        merged[col] = f"CASE WHEN {newer} THEN {new}.{col} ELSE {old}.{col} END"
+    for col in DESCRIPTIVE:
+        merged[col] = (
+            f"CASE WHEN {newer} THEN COALESCE({new}.{col}, {old}.{col}) "
+            f"ELSE COALESCE({old}.{col}, {new}.{col}) END"
+        )
+    for col in ATTEMPT:
+        merged[col] = (
+            f"CASE WHEN {newer} THEN "
+            f"(CASE WHEN {new}.{col} IS NULL AND {later} <= 0 THEN {old}.{col} ELSE {new}.{col} END) "
+            f"ELSE (CASE WHEN {old}.{col} IS NOT NULL OR {later} <> 0 "
+            f"THEN {old}.{col} ELSE {new}.{col} END) END"
+        )
+    o, n = f"{old}.submitted_at", f"{new}.submitted_at"
+    merged["submitted_at"] = (
+        f"CASE WHEN {o} IS NULL THEN {n} WHEN {n} IS NULL THEN {o} WHEN {n} < {o} THEN {n} ELSE {o} END"
+    )
+    runtime, finished, started = merged["runtime"], merged["finished_at"], merged["started_at"]
+    # NULL in a comparison is NULL, so a missing time leaves the runtime NULL
+    merged["runtime"] = (
+        f"COALESCE({runtime}, CASE WHEN {finished} >= {started} THEN {finished} - {started} END)"
+    )
+    return merged
+
+
+def _facts(old: str, new: str) -> tuple[str, str]:
+    newer = (
+        f"({new}.progress > {old}.progress OR ({new}.progress = {old}.progress AND {new}.progress < {FINAL}))"
+    )
+    return newer, f"(COALESCE({new}.retries, 0) - COALESCE({old}.retries, 0))"
+
+
+_UPDATED = [c for c in COLUMNS if c != "id"]
+# SQLite: one SET clause per column, the rule's facts spelled out in each.
+_SQLITE_SET = ", ".join(
+    f"{col} = {value}"
+    for col, value in _merged("tq_tasks", "excluded", *_facts("tq_tasks", "excluded")).items()
+    if col in _UPDATED
+)
+# PostgreSQL: the facts computed once in a sub-select (and a statement short enough for psycopg
+# to cache its parsed form: it re-parses statements longer than 4 KiB on every execution).
+_PG_MERGED = _merged("o", "excluded", "m.nw", "m.lt")
+_PG_SET = (
+    f"({', '.join(_UPDATED)}) = (SELECT {', '.join(_PG_MERGED[c] for c in _UPDATED)} "
+    f"FROM (SELECT {_facts('o', 'excluded')[0]} AS nw, {_facts('o', 'excluded')[1]} AS lt) AS m)"
+)
+
+
+_TAG_CONFLICT = (
+    "ON CONFLICT (task_id, tag) DO UPDATE SET state = excluded.state, submitted_at = excluded.submitted_at"
+)
+
+
+def _placeholders(dialect: str) -> str:
+    if dialect == "postgresql":
+        return "(" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}" for c in COLUMNS) + ")"
+    return "(" + ", ".join("?" for _ in COLUMNS) + ")"
+
+
+def task_upsert(dialect: str, rows: int) -> str:
+    """The statement that merges ``rows`` changes (params: each row's COLUMNS, in order)."""
+    values = ", ".join([_placeholders(dialect)] * rows)
+    target, merge = ("tq_tasks AS o", _PG_SET) if dialect == "postgresql" else ("tq_tasks", _SQLITE_SET)
+    upsert = (
+        f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES {values} ON CONFLICT (id) DO UPDATE SET {merge}"
+    )
+    if dialect != "postgresql":
+        return upsert
+    # The task row stays locked by this statement until it commits, so two writers of one task
+    # write its tag rows in the order they merged it: the tag rows carry its latest state.
+    # A terminal write also notifies ``tq_done`` (delivered at commit) with the task id: it
+    # wakes a client waiting in ``get()``.
+    return (
+        f"WITH up AS ({upsert} RETURNING id, state, progress, submitted_at, tags), "
+        "tagged AS (INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
+        "SELECT up.id, t.tag, up.state, up.submitted_at FROM up "
+        "CROSS JOIN LATERAL jsonb_array_elements_text(up.tags::jsonb) AS t(tag) "
+        "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT + ") "
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', up.id) FROM up WHERE up.progress >= {FINAL}"
+    )
+
+
+def tag_upsert_sqlite(task_ids: Sequence[str]) -> str:
+    """SQLite: the tag rows of ``task_ids`` from their merged task rows (same transaction)."""
+    marks = ", ".join("?" for _ in task_ids)
+    return (
+        "INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
+        "SELECT t.id, j.value, t.state, t.submitted_at FROM tq_tasks AS t, json_each(t.tags) AS j "
+        f"WHERE t.id IN ({marks}) AND t.tags IS NOT NULL " + _TAG_CONFLICT
+    )
