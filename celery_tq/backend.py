@@ -23,7 +23,7 @@ from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_request
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
 from celery_tq.registry.writer import RETRY_FOR, enqueue, write_with_retry
-from celery_tq.result_errors import StructuredErrorsMixin
+from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
 from celery_tq.settings import TqSettings
 
 __all__ = ["TqBackend"]
@@ -69,6 +69,7 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
             meta = self.get_task_meta(task_id)
             if meta["status"] in states.READY_STATES:
                 return meta
+            raise_if_rejected(task_id, meta)  # no worker could read it: it never gets READY
             if on_interval:
                 on_interval()
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -79,7 +80,7 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
                 delay = min(delay * 2, cap)
 
     def _is_ready(self, task_id: str) -> bool:
-        return self.get_task_meta(task_id)["status"] in states.READY_STATES
+        return self.get_task_meta(task_id)["status"] in ENDED
 
     @property
     def store(self) -> Store:

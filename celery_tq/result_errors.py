@@ -13,7 +13,7 @@ from kombu.exceptions import DecodeError
 from celery_tq import error_codec
 from celery_tq.errors import ExecutionFailed, InvalidInput, StorageError
 
-__all__ = ["StructuredErrorsMixin", "wire_backend"]
+__all__ = ["ENDED", "StructuredErrorsMixin", "raise_if_rejected", "wire_backend"]
 
 
 class StructuredErrorsMixin:
@@ -81,8 +81,7 @@ class StructuredErrorsMixin:
             meta = self.get_task_meta(task_id)  # type: ignore[attr-defined]
             if meta["status"] in states.READY_STATES:
                 return meta
-            if meta["status"] == states.REJECTED:
-                raise InvalidInput(f"task {task_id} was rejected: a worker could not read its message")
+            raise_if_rejected(task_id, meta)
             if on_interval:
                 on_interval()
             left = None if deadline is None else deadline - time.monotonic()
@@ -95,6 +94,16 @@ class StructuredErrorsMixin:
             return super()._get_task_meta_for(task_id)  # type: ignore[misc]
         except (RecursionError, DecodeError) as exc:  # e.g. a forged value nested past JSON's depth
             raise StorageError(f"stored result of {task_id} cannot be read: {exc}", task_id) from exc
+
+
+#: States a task never leaves: Celery's ready states and REJECTED (a message no worker could read).
+ENDED = frozenset({*states.READY_STATES, states.REJECTED})
+
+
+def raise_if_rejected(task_id: str, meta: Any) -> None:
+    """``get()`` on a ``REJECTED`` task raises ``InvalidInput``: Celery would wait on it forever."""
+    if meta.get("status") == states.REJECTED:
+        raise InvalidInput(f"task {task_id} was rejected: a worker could not read its message")
 
 
 _classes: dict[type[Backend], type[Backend]] = {}
