@@ -36,6 +36,7 @@ from celery.worker.state import task_ready
 
 from celery_tq.errors import WorkerLost
 from celery_tq.publish import HEADER_LOST
+from celery_tq.result_errors import ENDED
 from celery_tq.settings import TqSettings
 
 __all__ = ["HEADER_LOST", "TqRequest", "WatchPoolProcesses", "lost_count"]
@@ -43,7 +44,6 @@ __all__ = ["HEADER_LOST", "TqRequest", "WatchPoolProcesses", "lost_count"]
 logger = logging.getLogger("celery_tq")
 
 POOL_CHECK_INTERVAL = 0.5
-ENDED = frozenset({*states.READY_STATES, states.REJECTED})
 
 
 def lost_count(context: Any) -> int:
