@@ -3,7 +3,8 @@
 ``result_backend = "tq+sqlite:///path"`` (or ``tq+postgresql://...``, ``tq+redis://host:port/db``,
 ``tq+memory://``): each state change is ONE write of the task's record, which also carries
 Celery's result meta, so ``AsyncResult.get()``/``.state``/``.traceback`` read the record.
-Groups and chords keep Celery's key-value bookkeeping, in the store's small key-value space.
+Groups and chords keep Celery's key-value bookkeeping, in the store's small key-value space
+(chords as Celery's Redis backend runs them: :mod:`celery_tq.chords`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.json import dumps, loads
 from kombu.utils.url import maybe_sanitize_url
 
+from celery_tq.chords import ChordsMixin
 from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_request
@@ -29,12 +31,12 @@ from celery_tq.settings import TqSettings
 __all__ = ["TqBackend"]
 
 
-class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
-    """Results and registry records in one store; errors arrive structured."""
+class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
+    """Results and registry records in one store; errors arrive structured; chords as on Redis."""
 
     supports_native_join = True
     supports_autoexpire = False  # Celery's backend_cleanup calls cleanup(): purge by tq_result_expires
-    implements_incr = True
+    implements_incr = False  # True would make Celery replace apply_chord with its waiting join
     persistent = True
 
     def __init__(self, app: Any = None, url: str | None = None, **kwargs: Any) -> None:
@@ -68,6 +70,11 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
         while True:
             meta = self.get_task_meta(task_id)
             if meta["status"] in states.READY_STATES:
+                if on_interval:
+                    # ``get()`` checks the parents here: a failed parent's own error comes first,
+                    # also when this result was stored at once (a chord body failed by its
+                    # header), as on Redis.
+                    on_interval()
                 return meta
             raise_if_rejected(task_id, meta)  # no worker could read it: it never gets READY
             if on_interval:
@@ -86,6 +93,38 @@ class TqBackend(StructuredErrorsMixin, KeyValueStoreBackend):
     def store(self) -> Store:
         """This process's store (a backend created before a fork must not share its connections)."""
         return store_for_url(self.url)
+
+    def iter_native(
+        self,
+        result: Any,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_message: Any = None,
+        on_interval: Any = None,
+    ) -> Any:
+        # A chain that fails before its closing group stores the failure under the group's id
+        # (Celery's ``_fail_chain``): the group's join raises it, as it does on Redis, instead
+        # of waiting for members that will never run.
+        group_id = getattr(result, "id", None)
+
+        def check_group() -> None:
+            if group_id:
+                meta = self.get_task_meta(group_id)
+                if meta["status"] in states.PROPAGATE_STATES:
+                    raise self.exception_to_python(meta["result"])
+            if on_interval is not None:
+                on_interval()
+
+        base: Any = super()
+        return base.iter_native(
+            result,
+            timeout=timeout,
+            interval=interval,
+            no_ack=no_ack,
+            on_message=on_message,
+            on_interval=check_group,
+        )
 
     def as_uri(self, include_password: bool = False) -> str:
         uri = f"tq+{self.url}"

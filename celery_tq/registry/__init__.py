@@ -58,6 +58,16 @@ class Store(Protocol):
 
     def kv_expire(self, key: str, ttl: float | None) -> None: ...
 
+    def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
+        """Add ``value`` to the list ``key`` once per ``member``; the number of members it now holds.
+
+        Atomic, so of N concurrent pushes to a list of N exactly one sees N. ``ttl`` (re)sets the
+        list's expiry; ``kv_delete(key)`` deletes it.
+        """
+
+    def kv_list(self, key: str) -> list[bytes]:
+        """The values pushed to the list ``key``, by ascending score."""
+
 
 class Registry:
     """Query the records of every task: ``tq.registry.get(id)``, ``.query(...)``, ``.counts(...)``."""

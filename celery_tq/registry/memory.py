@@ -21,6 +21,7 @@ class MemoryStore:
         self.url = url
         self._rows: dict[str, Row] = {}
         self._kv: dict[str, tuple[bytes, float | None]] = {}
+        self._lists: dict[str, tuple[dict[str, tuple[float, bytes]], float | None]] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition()
 
@@ -77,6 +78,8 @@ class MemoryStore:
                 del self._rows[task_id]
             for key in [k for k, (_, exp) in self._kv.items() if exp is not None and exp < now]:
                 del self._kv[key]
+            for key in [k for k, (_, exp) in self._lists.items() if exp is not None and exp < now]:
+                del self._lists[key]
         return len(old)
 
     def kv_get(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -92,6 +95,7 @@ class MemoryStore:
     def kv_delete(self, key: str) -> None:
         with self._lock:
             self._kv.pop(key, None)
+            self._lists.pop(key, None)
 
     def kv_incr(self, key: str, ttl: float | None) -> int:
         with self._lock:
@@ -104,3 +108,20 @@ class MemoryStore:
         with self._lock:
             if key in self._kv:
                 self._kv[key] = (self._kv[key][0], time.time() + ttl if ttl else None)
+
+    def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
+        now = time.time()
+        with self._lock:
+            members, expires = self._lists.get(key, ({}, None))
+            if expires is not None and expires < now:
+                members = {}
+            members.setdefault(member, (score, value))
+            self._lists[key] = (members, now + ttl if ttl else expires)
+            return len(members)
+
+    def kv_list(self, key: str) -> list[bytes]:
+        with self._lock:
+            members, expires = self._lists.get(key, ({}, None))
+            if expires is not None and expires < time.time():
+                return []
+            return [value for _, value in sorted(members.values(), key=lambda m: m[0])]

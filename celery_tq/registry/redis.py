@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from celery_tq.registry.kvlist import by_score, scored
 from celery_tq.registry.record import FINAL, Query, Row, merge
 
 __all__ = ["RedisStore"]
@@ -312,6 +313,18 @@ class RedisStore:
             self.client.pexpire(self._kv(key), int(ttl * 1000))
         else:
             self.client.persist(self._kv(key))
+
+    def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
+        # A hash of member -> score and value: HSETNX keeps the first value of a member.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(self._kv(key), member, scored(score, value))
+        pipe.hlen(self._kv(key))
+        if ttl:
+            pipe.pexpire(self._kv(key), int(ttl * 1000))
+        return int(pipe.execute()[1])
+
+    def kv_list(self, key: str) -> list[bytes]:
+        return by_score(self.client.hvals(self._kv(key)))
 
 
 def _bounds(query: Query) -> tuple[str, str]:

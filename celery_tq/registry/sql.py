@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql import ColumnElement, FromClause
 
 from celery_tq.errors import StorageError
+from celery_tq.registry.kvlist import by_score, scored
 from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, merge
 from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
 from celery_tq.registry.sql_merge import NOTIFY_CHANNEL, tag_upsert_sqlite, task_upsert
@@ -282,7 +283,7 @@ class SqlStore:
     def kv_delete(self, key: str) -> None:
         self._ensure_schema()
         with self._writing() as conn:
-            conn.execute(delete(kv).where(kv.c.key == key))
+            conn.execute(delete(kv).where((kv.c.key == key) | _members_of(key)))
 
     def kv_incr(self, key: str, ttl: float | None) -> int:
         return int(self._kv_update(key, lambda old: str(int(old or b"0") + 1).encode(), ttl, keep_ttl=True))
@@ -291,6 +292,41 @@ class SqlStore:
         self._ensure_schema()
         with self._writing() as conn:
             conn.execute(update(kv).where(kv.c.key == key).values(expires_at=_expiry(ttl)))
+
+    def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
+        # The list's size at ``key`` (locked, so pushes serialize) and one row per member.
+        self._ensure_schema()
+        expires = _expiry(ttl)
+        for attempt in range(5):
+            try:
+                with self._writing() as conn:
+                    stmt = select(kv.c.value).where(kv.c.key == key)
+                    if not self.is_sqlite:
+                        stmt = stmt.with_for_update()
+                    size = conn.execute(stmt).scalar()
+                    count = int(size or b"0")
+                    name = f"{key}{_MEMBER}{member}"
+                    if conn.execute(select(kv.c.key).where(kv.c.key == name)).first() is None:
+                        entry = {"key": name, "value": scored(score, value), "expires_at": expires}
+                        conn.execute(insert(kv).values(**entry))
+                        count += 1
+                    values = {"value": str(count).encode(), "expires_at": expires}
+                    if size is None:
+                        conn.execute(insert(kv).values(key=key, **values))
+                    else:
+                        conn.execute(update(kv).where(kv.c.key == key).values(**values))
+                        conn.execute(update(kv).where(_members_of(key)).values(expires_at=expires))
+                return count
+            except IntegrityError:  # a concurrent first push to the same list: count again
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def kv_list(self, key: str) -> list[bytes]:
+        self._ensure_schema()
+        live = (kv.c.expires_at.is_(None)) | (kv.c.expires_at >= time.time())
+        with self.engine.connect() as conn:
+            return by_score(conn.execute(select(kv.c.value).where(_members_of(key), live)).scalars())
 
     def _kv_update(self, key: str, compute: Any, ttl: float | None, keep_ttl: bool = False) -> bytes:
         self._ensure_schema()
@@ -339,6 +375,13 @@ def _filters(query: Query) -> tuple[FromClause, list[ColumnElement[bool]], Any, 
     if query.until is not None:
         conditions.append(order <= query.until)
     return source, conditions, order, state
+
+
+_MEMBER = "\x1f"  # list member rows: "<list key>\x1f<member>"
+
+
+def _members_of(key: str) -> ColumnElement[bool]:
+    return kv.c.key.startswith(f"{key}{_MEMBER}", autoescape=True)
 
 
 def _tag_values(row: Row) -> Row:
