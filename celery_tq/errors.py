@@ -9,7 +9,7 @@
     ├── IoError(operation, path)           an OSError in the task
     ├── InvalidInput(message)              bad arguments or result (also ValueError; never retried)
     ├── WorkerLost(task_name)              the process running the task died
-    ├── Cancelled(task_name)               the task was revoked
+    ├── Cancelled(task_name)               the task was revoked (also Celery's TaskRevokedError)
     ├── StorageError(message, record_id)   the registry or result store failed
     ├── ConfigurationError(message)        settings that cannot work
     └── MetadataError(message)             priority, timeout or tags out of range (also ValueError)
@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
+
+from celery.exceptions import TaskRevokedError
 
 __all__ = [
     "Cancelled",
@@ -134,8 +136,12 @@ class WorkerLost(TaskError):
         return f"worker running {self.task_name} was lost" + (f": {self.detail}" if self.detail else "")
 
 
-class Cancelled(TaskError):
-    """Raised when the task was revoked before or while it ran."""
+class Cancelled(TaskError, TaskRevokedError):
+    """Raised when the task was revoked before or while it ran.
+
+    Also a :class:`celery.exceptions.TaskRevokedError`, so ``except TaskRevokedError`` written for
+    plain Celery keeps catching it.
+    """
 
     def __init__(self, task_name: str) -> None:
         super().__init__(task_name)

@@ -21,7 +21,7 @@ DEFAULT_QUEUE = "tq.default"
 DEFAULTS: dict[str, Any] = {
     "tq_timeout_grace": 5.0,
     "tq_priority_bands": None,
-    "tq_default_queue": DEFAULT_QUEUE,
+    "tq_default_queue": None,  # None: Celery's task_default_queue (the presets make it tq.default)
     "tq_retry_backoff": 1.0,
     "tq_retry_backoff_max": 60.0,
     "tq_result_expires": 7 * 24 * 3600,
@@ -69,6 +69,9 @@ class TqSettings:
     def from_app(cls, app: Celery) -> TqSettings:
         conf = app.conf
         values = {key[3:]: conf.get(key, default) for key, default in DEFAULTS.items()}
+        values["default_queue"] = str(
+            values["default_queue"] or conf.get("task_default_queue") or DEFAULT_QUEUE
+        )
         bands = values["priority_bands"]
         values["priority_bands"] = _validate_bands(bands) if bands else None
         if float(values["timeout_grace"]) < 0:

@@ -41,7 +41,13 @@ import celery
 import redis
 
 HERE = Path(__file__).resolve().parent
-FILES = ["test_tasks.py", "test_canvas.py", "test_inspect.py", "test_group_chains.py", "test_connection_recovery.py"]
+FILES = [
+    "test_tasks.py",
+    "test_canvas.py",
+    "test_inspect.py",
+    "test_group_chains.py",
+    "test_connection_recovery.py",
+]
 CONFIGS = {
     "plain": ("redis://{redis}/1", "redis://{redis}/2", False),
     "tq-backend": ("redis://{redis}/1", "tq+redis://{redis}/2", False),
@@ -66,11 +72,8 @@ def fetch_suite(workdir: Path) -> Path:
     if (root / "t" / "integration" / "conftest.py").exists():
         return root
     workdir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-        + ["-d", str(workdir), f"celery=={version}"],
-        check=True,
-    )
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+    subprocess.run([*pip, "-d", str(workdir), f"celery=={version}"], check=True)
     with tarfile.open(workdir / f"celery-{version}.tar.gz") as archive:
         wanted = [m for m in archive.getmembers() if m.name.split("/")[1:2] in (["t"], ["pyproject.toml"])]
         archive.extractall(workdir, members=wanted, filter="data")
@@ -156,7 +159,8 @@ def documented_differences() -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--files", nargs="+", default=FILES)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--workdir", type=Path, default=Path(".celery_suite"))

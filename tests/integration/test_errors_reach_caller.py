@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from celery.exceptions import TaskRevokedError
 
 from celery_tq import errors
 from celery_tq.system import system_for
@@ -113,13 +114,14 @@ def test_worker_killed_mid_task_reaches_caller_as_worker_lost(redis_shop: Shop) 
     assert worker.process is not None and worker.process.poll() is None  # the worker survived
 
 
-def test_revoked_task_reaches_caller_as_cancelled(redis_shop: Shop) -> None:
+def test_revoked_task_reaches_caller_as_cancelled_which_plain_celery_code_catches(redis_shop: Shop) -> None:
     redis_shop.start_worker(concurrency=1)
     blocker = redis_shop.app.tasks["tqshop.sleep"].delay(1.5)
     victim = redis_shop.app.tasks["tqshop.add"].delay(1, 2)
     victim.revoke()
-    with pytest.raises(errors.Cancelled):
+    with pytest.raises(TaskRevokedError) as caught:  # what code written for plain Celery catches
         victim.get(timeout=30)
+    assert isinstance(caught.value, errors.Cancelled)
     assert blocker.get(timeout=30) == 1.5
 
 

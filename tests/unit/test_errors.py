@@ -246,3 +246,10 @@ def test_context_lines_show_in_the_error_notes_for_worker_logs() -> None:
 
 def test_context_of_an_error_that_never_passed_a_context_is_empty() -> None:
     assert context_of(RuntimeError("x")) == []
+
+
+def test_cancelled_is_also_celerys_task_revoked_error() -> None:
+    from celery.exceptions import TaskRevokedError
+
+    assert issubclass(Cancelled, TaskRevokedError)
+    assert issubclass(Cancelled, TaskError)

@@ -308,7 +308,7 @@ def test_presets_resolve_names_dicts_and_none() -> None:
 
 def test_settings_have_documented_defaults() -> None:
     settings = TqSettings.from_app(Celery("t"))
-    assert settings.default_queue == "tq.default"
+    assert settings.default_queue == "celery"  # Celery's task_default_queue; the presets set tq.default
     assert settings.priority_bands is None
     assert settings.result_expires == 7 * 24 * 3600
     assert settings.max_priority >= 9
@@ -342,7 +342,7 @@ def test_prefetch_extra_must_be_a_non_negative_int(extra: Any) -> None:
 
 def bands_of(bands: Any) -> TqSettings:
     app = Celery("t")
-    app.conf.update(tq_priority_bands=bands)
+    app.conf.update(tq_priority_bands=bands, task_default_queue="tq.default")
     return TqSettings.from_app(app)
 
 
@@ -390,7 +390,7 @@ def test_priority_outside_every_band_goes_to_the_default_queue() -> None:
 
 
 def test_without_bands_every_priority_goes_to_the_default_queue() -> None:
-    settings = TqSettings.from_app(Celery("t"))
+    settings = bands_of(None)
     assert {settings.queue_for(p) for p in range(10)} == {"tq.default"}
     assert settings.queues() == ["tq.default"]
 
@@ -479,6 +479,21 @@ def test_install_on_memory_leaves_transport_options_alone() -> None:
     celery_tq.install(app, preset="testing")
     assert "priority_steps" not in (app.conf.broker_transport_options or {})
     assert all(not q.queue_arguments for q in app.conf.task_queues)
+
+
+def test_presets_send_tasks_to_tq_default() -> None:
+    app = Celery("t", broker=AMQP_URL)
+    celery_tq.install(app, preset="production")
+    assert app.amqp.router.route({}, "t.charge")["queue"].name == "tq.default"
+    assert [q.name for q in app.conf.task_queues] == ["tq.default"]
+
+
+def test_the_users_task_default_queue_wins_over_the_presets_tq_default() -> None:
+    app = Celery("t", broker=AMQP_URL)
+    app.conf.update(task_default_queue="celery")
+    celery_tq.install(app, preset="production")
+    assert app.amqp.router.route({"priority": 9}, "t.charge")["queue"].name == "celery"
+    assert [q.name for q in app.conf.task_queues] == ["celery"]
 
 
 def test_install_keeps_queues_the_user_declared() -> None:
