@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from celery import Celery, states
 from celery.backends.base import KeyValueStoreBackend
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import EncodeError
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.json import dumps, loads
@@ -81,7 +82,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
                 on_interval()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError("The operation timed out.")
+                raise CeleryTimeoutError("The operation timed out.")
             if not wait(task_id, 1.0 if remaining is None else min(remaining, 1.0), self._is_ready):
                 time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, cap)
@@ -194,8 +195,17 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             raise StorageError(f"corrupt result meta: {exc}", record.id) from exc
         if not isinstance(meta, dict):
             raise StorageError("corrupt result meta: not an object", record.id)
-        # Celery has no QUEUED: a task not started yet is PENDING to its clients.
-        meta.update(status=states.PENDING if record.state == QUEUED else record.state, task_id=record.id)
+        if record.state == QUEUED or not row.get("meta"):
+            # Celery has no QUEUED: a task not started yet is PENDING to its clients, and so is a
+            # task Celery stored nothing for (``ignore_result`` runs, REJECTED: records without meta).
+            return {
+                "status": states.PENDING,
+                "result": None,
+                "traceback": None,
+                "children": [],
+                "task_id": record.id,
+            }
+        meta.update(status=record.state, task_id=record.id)
         if record.state == states.SUCCESS:
             meta["result"] = record.result
         elif record.error is not None and record.state in states.EXCEPTION_STATES:
