@@ -25,7 +25,7 @@ from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_request
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
-from celery_tq.registry.writer import RETRY_FOR, enqueue, write_with_retry
+from celery_tq.registry.writer import RETRY_FOR, enqueue, flush_pending, write_with_retry
 from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
 from celery_tq.settings import TqSettings
 
@@ -242,7 +242,8 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
 
     def delete(self, key: Any) -> None:
         name = bytes_to_str(key)
-        if name.startswith(self._task_prefix):
+        if name.startswith(self._task_prefix):  # forget(): the record goes, result and all
+            flush_pending(self.store)  # a QUEUED this process still buffers must not bring it back
             self.store.delete(name[len(self._task_prefix) :])
         else:
             self.store.kv_delete(name)

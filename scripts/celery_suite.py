@@ -4,9 +4,10 @@
     .venv/bin/python scripts/celery_suite.py --files test_tasks.py test_canvas.py --configs plain installed
 
 The integration tests of the *installed* Celery version come from its sdist (``pip download``),
-into ``.celery_suite/``. Every configuration runs against the same private ``redis-server`` (a free
-port on 127.0.0.1, flushed between runs; the suite's side channel uses its db 0, so a shared Redis
-would mix runs). The configurations:
+into ``.celery_suite/``. Each configuration runs against a private ``redis-server`` of its own (a
+free port on 127.0.0.1; the suite's side channel uses its db 0, so a shared Redis would mix runs),
+one after the other, or all at once with ``--parallel`` (most of the suite's time is waiting).
+The configurations:
 
 - ``plain``: ``redis://`` broker and backend, plain Celery (the reference);
 - ``tq-backend``: ``redis://`` broker, ``tq+redis://`` backend;
@@ -34,6 +35,7 @@ import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +93,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    server = subprocess.Popen([*args, "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen([*args, "--dir", str(directory)], stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -106,11 +108,33 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     raise SystemExit("the private redis-server did not start")
 
 
-def run_config(name: str, root: Path, port: int, files: list[str], extra: list[str], out: Path) -> Outcome:
+def run_config(name: str, suite: Path, files: list[str], extra: list[str], out: Path) -> Outcome:
+    """One configuration, in a copy of the suite of its own (its ``integration-tests-config.json``)."""
     broker, backend, installed = CONFIGS[name]
-    redis.Redis(port=port).flushall()
+    root = out / f"suite-{name}"
+    shutil.copytree(suite, root)
+    # The user's own queue: Celery's fixtures check that tests use only the "celery" queue.
     overrides = {"task_default_queue": "celery"} if installed else {}
     (root / "integration-tests-config.json").write_text(json.dumps(overrides))
+    server, port = start_redis(root)
+    try:
+        return _run(name, root, port, files, extra, out, installed, broker, backend)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _run(
+    name: str,
+    root: Path,
+    port: int,
+    files: list[str],
+    extra: list[str],
+    out: Path,
+    installed: bool,
+    broker: str,
+    backend: str,
+) -> Outcome:
     env = dict(os.environ)
     env.update(
         TEST_BROKER=broker.format(redis=f"127.0.0.1:{port}"),
@@ -164,6 +188,7 @@ def main() -> int:
     parser.add_argument("--files", nargs="+", default=FILES)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--workdir", type=Path, default=Path(".celery_suite"))
+    parser.add_argument("--parallel", action="store_true", help="run the configurations at the same time")
     parser.add_argument("--no-compare", action="store_true", help="run only --configs, without plain Celery")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = parser.parse_args()
@@ -173,12 +198,9 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     configs = args.configs if "plain" in args.configs or args.no_compare else ["plain", *args.configs]
-    server, port = start_redis(workdir)
-    try:
-        outcomes = {c: run_config(c, root, port, args.files, args.pytest_args, out) for c in configs}
-    finally:
-        server.terminate()
-        server.wait(10)
+    with ThreadPoolExecutor(len(configs) if args.parallel else 1) as pool:
+        runs = {c: pool.submit(run_config, c, root, args.files, args.pytest_args, out) for c in configs}
+        outcomes = {c: run.result() for c, run in runs.items()}
     return report(outcomes, documented_differences(), args.files)
 
 

@@ -66,7 +66,7 @@ class Store(Protocol):
         """
 
     def kv_list(self, key: str) -> list[bytes]:
-        """The values pushed to the list ``key``, by ascending score."""
+        """The values pushed to the list ``key``, by ascending score, then value (as Redis orders)."""
 
 
 class Registry:

@@ -1,4 +1,7 @@
-"""How stores that keep a list's members as opaque values (Redis, SQL) order them by score."""
+"""How stores that keep a list's members as opaque values (Redis, SQL) order them by score.
+
+Ties are ordered by value, as in a Redis sorted set (Celery's Redis backend keeps chord results in one).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,6 @@ def scored(score: float, value: bytes) -> bytes:
 
 
 def by_score(entries: Iterable[bytes]) -> list[bytes]:
-    """The values of :func:`scored` entries, by ascending score (``inf`` last)."""
+    """The values of :func:`scored` entries, by ascending score (``inf`` last), then by value."""
     split = [bytes(entry).partition(_SEP) for entry in entries]
-    return [value for score, _, value in sorted(split, key=lambda e: float(e[0]))]
+    return [value for score, _, value in sorted(split, key=lambda e: (float(e[0]), e[2]))]

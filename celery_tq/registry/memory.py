@@ -124,4 +124,4 @@ class MemoryStore:
             members, expires = self._lists.get(key, ({}, None))
             if expires is not None and expires < time.time():
                 return []
-            return [value for _, value in sorted(members.values(), key=lambda m: m[0])]
+            return [value for _, value in sorted(members.values())]  # by score, then value

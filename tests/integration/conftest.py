@@ -41,9 +41,9 @@ def _urls(kind: str, request: pytest.FixtureRequest, tmp: Path) -> tuple[str, st
     sqlite_results = f"db+sqlite:///{tmp / 'results.db'}"
     if kind == "embedded":  # the development preset's setup: results and records in the tq backend
         return f"tq+sqlite:///{tmp / 'broker.db'}", f"tq+sqlite:///{tmp / 'results.db'}"
-    if kind == "redis":
+    if kind in {"redis", "tq-redis"}:  # tq-redis: results and records in the tq backend on Redis
         broker, results = request.getfixturevalue("redis_dbs")
-        return broker, results
+        return broker, ("tq+" + results if kind == "tq-redis" else results)
     if kind == "tq+redis":  # the production setup on Redis: the plugin's transport and store
         broker, results = request.getfixturevalue("redis_dbs")
         return f"tq+{broker}", f"tq+{results}"

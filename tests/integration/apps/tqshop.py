@@ -171,6 +171,24 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         @app.task(name="tqshop.plain_limited", shared=False, soft_time_limit=1)
         def plain_limited() -> None: ...
 
+    # Canvas tests.
+    @tq.task(name="tqshop.collect", shared=False)
+    def collect(results: list[Any]) -> list[Any]:
+        return results
+
+    @tq.task(name="tqshop.note", shared=False)
+    def note(*args: Any, label: str = "") -> str:
+        """An errback: appends ``label`` to $TQ_DATA_DIR/notes.log."""
+        with open(os.path.join(os.environ["TQ_DATA_DIR"], "notes.log"), "a") as f:
+            f.write(f"{label}\n")
+        return label
+
+    @tq.task(name="tqshop.grow_chord", shared=False, bind=True)
+    def grow_chord(self: Any) -> int:
+        """Adds ``add(10, 10)`` to the chord this task is a header task of."""
+        self.add_to_chord(add.si(10, 10))
+        return 1
+
     if os.environ.get("TQSHOP_STORE_RETRY"):
         app.conf.tq_store_retry_timeout = float(os.environ["TQSHOP_STORE_RETRY"])
 
