@@ -11,7 +11,8 @@ The configurations:
 
 - ``plain``: ``redis://`` broker and backend, plain Celery (the reference);
 - ``tq-backend``: ``redis://`` broker, ``tq+redis://`` backend;
-- ``tq``: ``tq+redis://`` broker and backend;
+- ``tq``: ``tq+redis://`` broker and backend, plain Celery apps (the transport registered with
+  ``celery_tq.transport.register_transports()``, which ``install`` would do);
 - ``installed``: the same, the app passed through ``celery_tq.install(app, preset="production")``
   with ``TqTask`` as its task class (``celery_suite_plugin.py``), as a user would.
 
@@ -50,11 +51,12 @@ FILES = [
     "test_group_chains.py",
     "test_connection_recovery.py",
 ]
+# name: (broker, backend, what celery_suite_plugin does to the apps: "" nothing, see its docstring)
 CONFIGS = {
-    "plain": ("redis://{redis}/1", "redis://{redis}/2", False),
-    "tq-backend": ("redis://{redis}/1", "tq+redis://{redis}/2", False),
-    "tq": ("tq+redis://{redis}/1", "tq+redis://{redis}/2", False),
-    "installed": ("tq+redis://{redis}/1", "tq+redis://{redis}/2", True),
+    "plain": ("redis://{redis}/1", "redis://{redis}/2", ""),
+    "tq-backend": ("redis://{redis}/1", "tq+redis://{redis}/2", ""),
+    "tq": ("tq+redis://{redis}/1", "tq+redis://{redis}/2", "transport"),
+    "installed": ("tq+redis://{redis}/1", "tq+redis://{redis}/2", "install"),
 }
 GATE = re.compile(r"\.(result_backend|broker_url)\.startswith\(")
 
@@ -114,7 +116,7 @@ def run_config(name: str, suite: Path, files: list[str], extra: list[str], out: 
     root = out / f"suite-{name}"
     shutil.copytree(suite, root)
     # The user's own queue: Celery's fixtures check that tests use only the "celery" queue.
-    overrides = {"task_default_queue": "celery"} if installed else {}
+    overrides = {"task_default_queue": "celery"} if installed == "install" else {}
     (root / "integration-tests-config.json").write_text(json.dumps(overrides))
     server, port = start_redis(root)
     try:
@@ -131,7 +133,7 @@ def _run(
     files: list[str],
     extra: list[str],
     out: Path,
-    installed: bool,
+    installed: str,
     broker: str,
     backend: str,
 ) -> Outcome:
@@ -142,6 +144,7 @@ def _run(
         REDIS_HOST="127.0.0.1",
         REDIS_PORT=str(port),
         PYTHONPATH=os.pathsep.join([str(root), str(HERE), env.get("PYTHONPATH", "")]),
+        TQ_SUITE_PLUGIN=installed,
     )
     xml = out / f"{name}.xml"
     plugin = ["-p", "celery_suite_plugin"] if installed else []
