@@ -1,4 +1,5 @@
-"""Chords and groups through real workers on the tq backend, as Celery's Redis backend runs them."""
+"""What Celery's clients see through the tq backend, with real workers: chords and groups as
+Celery's Redis backend runs them, forget(), ignored results."""
 
 from __future__ import annotations
 
@@ -66,3 +67,15 @@ def test_a_forgotten_result_reads_pending_and_leaves_no_record(tq_shop: Shop) ->
     assert result.state == "PENDING"
     assert result.result is None
     assert celery_tq.system_for(tq_shop.app).registry.get(result.id) is None
+
+
+def test_an_ignored_result_reads_pending_while_the_registry_keeps_the_outcome(tq_shop: Shop) -> None:
+    tq_shop.start_worker()
+    registry = celery_tq.system_for(tq_shop.app).registry
+    result = tq_shop.app.tasks["tqshop.add"].apply_async((2, 3), ignore_result=True)
+    deadline = time.monotonic() + 30
+    while (record := registry.get(result.id)) is None or record.state != "SUCCESS":
+        assert time.monotonic() < deadline, f"no SUCCESS record: {record}"
+        time.sleep(0.05)
+    assert record.result == 5
+    assert (result.state, result.result) == ("PENDING", None)  # Celery stored nothing, as on Redis
