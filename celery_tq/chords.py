@@ -94,7 +94,10 @@ class ChordsMixin:
         size, added = store.kv_get([self._chord_key(group_id, ".s"), self._chord_key(group_id, ".t")])
         if size is None or ready != int(size) + int(added or 0):
             return None
-        if store.kv_incr(claim, ttl) != 1:
+        # The claim expires, so a redelivered copy of this task can publish the body if this
+        # process dies before it does (Celery's Redis backend: 2 x result_chord_join_timeout).
+        join_timeout = float(self.app.conf.result_chord_join_timeout or 5.0)
+        if store.kv_incr(claim, max(30.0, 2 * join_timeout)) != 1:
             return None  # another copy of the last header task is publishing the body
         callback: Any = maybe_signature(request.chord, app=self.app)
         try:
@@ -113,9 +116,12 @@ class ChordsMixin:
             logger.exception("Chord callback for %r raised: %r", group_id, exc)
             return self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
         finally:
-            for suffix in (".j", ".s", ".t"):
-                store.kv_delete(self._chord_key(group_id, suffix))
-            store.kv_set(claim, _DONE, max(float(ttl or 0), 300.0))
+            # Unless the chord was applied again meanwhile (a frozen chord keeps its group id:
+            # set_chord_size dropped our claim), its data goes, and late copies find it done.
+            if store.kv_get([claim])[0] == b"1":
+                for suffix in (".j", ".s", ".t"):
+                    store.kv_delete(self._chord_key(group_id, suffix))
+                store.kv_set(claim, _DONE, max(float(ttl or 0), 300.0))
         return None
 
     def _join(self, group_id: str) -> list[Any]:
