@@ -6,10 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 
-LOWEST := .venv-lowest
-LOWEST_STAMP := $(LOWEST)/.installed
-
-.PHONY: install demo test test-lowest lint bench
+.PHONY: install demo test test-lowest lint bench compat
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +45,11 @@ $(LOWEST_STAMP): setup.cfg pyproject.toml ci/lowest-constraints.txt
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST)/bin/python -m pytest -q tests/unit -p no:cacheprovider
+
+# Celery's own integration suite: plain Celery and the installed app side by side (README, Tests).
+COMPAT_ARGS ?= --parallel --configs installed --files test_tasks.py test_canvas.py
+compat: $(STAMP)
+	$(PY) scripts/celery_suite.py $(COMPAT_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/embedded_broker.py
