@@ -69,7 +69,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         wait = self.store.wait_for_outcome
         delay = 0.0005
         while True:
-            meta = self.get_task_meta(task_id)
+            meta = self._meta_before(task_id, deadline)
             if meta["status"] in states.READY_STATES:
                 if on_interval:
                     # ``get()`` checks the parents here: a failed parent's own error comes first,
@@ -86,6 +86,26 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             if not wait(task_id, 1.0 if remaining is None else min(remaining, 1.0), self._is_ready):
                 time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, cap)
+
+    def _meta_before(self, task_id: str, deadline: float | None) -> dict[str, Any]:
+        """The task's meta; with a deadline, a store that is down is retried only until then
+        (Celery's own retry policy, up to ``result_backend_max_retries``, ignores ``timeout``)."""
+        if deadline is None:
+            return dict(self.get_task_meta(task_id))
+        delay = 0.05
+        while True:
+            try:
+                return self._get_task_meta_for(task_id)
+            except Exception as exc:
+                remaining = deadline - time.monotonic()
+                if not self.exception_safe_to_retry(exc):
+                    raise
+                if remaining <= 0:
+                    raise CeleryTimeoutError(
+                        f"The operation timed out (the result store is unreachable: {exc})"
+                    ) from exc
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 1.0)
 
     def _is_ready(self, task_id: str) -> bool:
         return self.get_task_meta(task_id)["status"] in ENDED
@@ -175,8 +195,10 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             fields["started_at"] = now
             if isinstance(result, dict) and result.get("hostname"):
                 fields["worker"] = result["hostname"]
-            enqueue(self.store, change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields))
-            return result
+            if request is not None:  # a worker's run: buffered, written with its outcome
+                row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
+                enqueue(self.store, row)
+                return result
         row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
         write_with_retry(self.store, [row], f"{state} of task {task_id}", self.retry_for)
         return result

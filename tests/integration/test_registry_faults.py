@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_tq import errors
 from celery_tq.registry import Registry, store_for_url
@@ -122,4 +123,27 @@ def test_unserializable_result_fails_with_invalid_input_and_the_cli_finds_it(
     purged = tq("purge", "--older-than", "0s")
     assert purged.returncode == 0 and "purged 3 task record(s)" in purged.stdout, purged.stdout
     assert json.loads(tq("tasks", "--json").stdout) == []
+    app.close()
+
+
+def test_get_with_a_timeout_honours_it_while_the_store_is_down(
+    private_redis: PrivateRedis, redis_dbs: tuple[str, str]
+) -> None:
+    backend = f"tq+redis://127.0.0.1:{private_redis.port}/0"
+    app = tqshop.make_app(redis_dbs[0], backend)  # the production preset's result-store retries
+    queued = app.tasks["tqshop.add"].delay(1, 2)  # no worker: it stays queued
+    private_redis.kill()
+    started = time.monotonic()
+    with pytest.raises(CeleryTimeoutError) as caught:
+        queued.get(timeout=3)
+    assert time.monotonic() - started < 8  # Celery's own retries of the store took ~25 s
+    assert "unreachable" in str(caught.value)
+    app.close()
+
+
+def test_a_started_state_stored_outside_a_worker_is_readable_at_once(redis_dbs: tuple[str, str]) -> None:
+    backend = "tq+" + redis_dbs[1]
+    app = tqshop.make_app(redis_dbs[0], backend)
+    app.backend.store_result("set-by-hand", None, "STARTED")  # as Celery's own tests do
+    assert app.AsyncResult("set-by-hand").state == "STARTED"
     app.close()
