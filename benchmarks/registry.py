@@ -7,9 +7,11 @@ celery-tq runs its production preset (events, priority, metadata, STARTED record
 broker and store named in the row. Configurations alternate within each round; each ratio is
 the median over the rounds of (celery-tq / its plain baseline in the same round).
 
-Latency (broker ``redis://``, same for all): ``apply_async`` p50/p99 with no worker running
-(the client's cost of a call: QUEUED record included) and the ``apply_async(...).get()`` round
-trip p50/p99 of one task at a time with an idle worker.
+Latency: ``apply_async`` p50/p99 with no worker running (the client's cost of a call: QUEUED
+record and task-sent event included) and the ``apply_async(...).get()`` round trip p50/p99 of one
+task at a time with an idle worker; celery-tq on the stock ``redis://`` broker (only the registry
+and the publish hook differ from plain Celery) and on ``tq+redis://``, which the production preset
+uses on Redis.
 
 Usage: python benchmarks/registry.py [--tasks 3000] [--rounds 3] [--calls 500] [--trips 200]
 """
@@ -253,11 +255,25 @@ def main() -> None:
             )
         broker, results = f"{REDIS}/{BROKER_DB}", f"{REDIS}/{RESULT_DB}"
         lat = [
-            Config("plain Celery, redis backend", broker, results, False, ""),
-            Config("celery-tq, tq+redis:// registry", broker, f"tq+{results}", True, ""),
-            Config("celery-tq, tq+postgresql:// registry", broker, f"tq+{pg}", True, ""),
+            Config("plain Celery: redis:// broker, redis backend", broker, results, False, ""),
+            Config("celery-tq: redis:// broker, tq+redis:// registry", broker, f"tq+{results}", True, ""),
+            Config("celery-tq: redis:// broker, tq+postgresql:// registry", broker, f"tq+{pg}", True, ""),
+            Config(
+                "celery-tq: tq+redis:// broker, tq+redis:// registry",
+                f"tq+{broker}",
+                f"tq+{results}",
+                True,
+                "",
+            ),
+            Config(
+                "celery-tq: tq+redis:// broker, tq+postgresql:// registry",
+                f"tq+{broker}",
+                f"tq+{pg}",
+                True,
+                "",
+            ),
         ]
-        print(f"\nlatency, redis:// broker: {args.calls} apply_async calls, {args.trips} round trips (ms)")
+        print(f"\nlatency: {args.calls} apply_async calls, {args.trips} round trips (ms)")
         print("| configuration | apply_async p50 | p99 | apply_async().get() p50 | p99 |")
         print("|---|---:|---:|---:|---:|")
         for config in lat:
