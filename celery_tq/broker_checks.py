@@ -13,7 +13,7 @@ from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
 from celery_tq.settings import TqSettings
 
-__all__ = ["amqp_findings", "reachability_findings"]
+__all__ = ["amqp_findings", "reachability_findings", "redis_persistence_findings"]
 
 _PRECONDITION_FAILED = 406
 _SETTING = {"broker": "broker_url", "registry store": "result_backend or tq_registry_url"}
@@ -40,6 +40,34 @@ def reachability_findings(app: Celery) -> list[Finding]:
         except Exception as exc:
             findings.append(_unreachable("registry store", url, exc))
     return findings
+
+
+def redis_persistence_findings(app: Celery) -> list[Finding]:
+    """A warning when a Redis broker keeps nothing on disk (no AOF, no RDB snapshots): a restart
+    of that Redis loses every queued task. Silent where CONFIG is not allowed (managed Redis)."""
+    if broker_kind(app.conf.broker_url) != "redis":
+        return []
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=3)
+            channel: Any = conn.default_channel
+            client = channel.client
+            appendonly = client.config_get("appendonly").get("appendonly")
+            save = client.config_get("save").get("save")
+    except Exception:  # CONFIG disabled, or unreachable (reported by reachability_findings)
+        return []
+    if str(appendonly) == "yes" or save not in (None, ""):
+        return []
+    return [
+        Finding(
+            "warning",
+            "redis-no-persistence",
+            f"the Redis broker {_safe(app.conf.broker_url)} keeps nothing on disk (appendonly no, "
+            "no save points): a restart of that Redis loses every queued task",
+            "enable persistence on the broker's Redis: `appendonly yes` (with `appendfsync everysec` "
+            "or `always`), or RDB save points at the least",
+        )
+    ]
 
 
 def _unreachable(what: str, url: str, exc: BaseException) -> Finding:

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_tq.broker_checks import amqp_findings, reachability_findings
+from celery_tq.broker_checks import amqp_findings, reachability_findings, redis_persistence_findings
 from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
 from celery_tq.settings import DEFAULTS
@@ -21,7 +21,7 @@ _NO_PRIORITY = {"memory", "filesystem", "sqs", "sqla", "sqlalchemy", "zookeeper"
 def run(app: Celery, reach: bool = False) -> list[Finding]:
     """Findings, most severe first; with ``reach``, also whether the broker and store answer."""
     conf = app.conf
-    findings: list[Finding] = reachability_findings(app) if reach else []
+    findings: list[Finding] = reachability_findings(app) + redis_persistence_findings(app) if reach else []
     findings += _serializers(conf)
     findings += _priority(conf)
     findings += _timeouts(app)

@@ -9,15 +9,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import bootsteps
 
+from celery_tq.broker_checks import redis_persistence_findings
 from celery_tq.errors import ConfigurationError
 from celery_tq.settings import refuse_pickle
 from celery_tq.task import TqTask
 
 __all__ = ["RefuseUnsafeConfig"]
+
+logger = logging.getLogger("celery_tq")
 
 
 class RefuseUnsafeConfig(bootsteps.Step):
@@ -28,6 +32,8 @@ class RefuseUnsafeConfig(bootsteps.Step):
     def __init__(self, w: Any, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
         refuse_pickle(w.app.conf)
+        for finding in redis_persistence_findings(w.app):  # said where operators look: the log
+            logger.warning("celery-tq: %s; %s", finding.message, finding.fix)
         if not w.pool_cls.__module__.endswith("prefork"):
             _refuse_unenforced_limits(w.app, w.pool_cls.__module__.rsplit(".", 1)[-1])
 
