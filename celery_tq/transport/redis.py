@@ -21,9 +21,12 @@ What differs is consuming (scripts in :mod:`celery_tq.transport.redis_scripts`):
   run for that long (a hung worker); with the solo pool it must exceed the longest task.
 * **Cut-off links.** The heartbeat thread is also the link's watchdog: its commands time out
   after ``heartbeat_ttl / 4`` s, and when no beat got through for ``heartbeat_ttl / 2`` s the
-  link is taken as frozen (a partition drops packets silently: no error, no RST) and the
-  channel's sockets are shut down, so the worker sees "connection lost" at once, drops what it
-  had reserved (Celery's reconnect does) and reconnects under a new consumer id. Once no beat
+  link is taken as frozen (a partition drops packets silently: no error, no RST): the sockets
+  of every channel of this process on that server are shut down, and for ``heartbeat_ttl`` s
+  (or until a beat gets through) new commands on it fail at once instead of blocking the event
+  loop on a connect (the event dispatcher's publish did). The worker sees "connection lost" at
+  once, drops what it had reserved (Celery's reconnect does) and reconnects under a new
+  consumer id. Once no beat
   got through for ``heartbeat_ttl`` s the heartbeat has expired and other workers may have
   recovered this consumer's messages: the channel is **fenced**, it delivers nothing more
   (a fetch reply that arrives late is dropped) and refuses to fetch again.
@@ -55,6 +58,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from queue import Empty
@@ -81,6 +85,12 @@ MIN_REDIS = (6, 2)
 WAKE = "_tq.wake."
 _SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 _checked_servers: set[tuple[Any, ...]] = set()
+# This process's channels, so a frozen link found by one consumer's heartbeat also frees the
+# others on that server (the event dispatcher's publish blocked on the same link, for one).
+_live_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+# Links found frozen (see Channel._tq_watch_link) -> monotonic time the mark lapses. While marked,
+# commands fail at once instead of blocking the event loop on a connect that cannot succeed.
+_frozen_links: dict[tuple[Any, ...], float] = {}
 
 
 class _Script:
@@ -200,7 +210,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_fenced = False
         connection = args[0] if args else kwargs["connection"]
         self._tq_check_options(connection.client)
+        conninfo = connection.client
+        self._tq_link = (type(self), conninfo.hostname, conninfo.port, conninfo.virtual_host)
+        self._tq_refuse_if_frozen()  # Celery's reconnect: retry later rather than block on connect
         super().__init__(*args, **kwargs)
+        _live_channels.add(self)
         self.brpop_timeout = self.connection.brpop_timeout
         try:
             self._tq_check_server()
@@ -264,6 +278,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _tq_client(self) -> Any:
         """The channel's one synchronous client, rebuilt when its pool changes (fork, close)."""
+        self._tq_refuse_if_frozen()
         pool = self.pool
         cached = self._tq_cached
         if cached is None or cached[0] is not pool:
@@ -275,6 +290,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if client:
             yield client
             return
+        self._tq_refuse_if_frozen()  # e.g. the event dispatcher's publish: fail, don't block the loop
         pool = self.pool
         cached = self.__dict__.get("_tq_kombu_client")
         if cached is None or cached[0] is not pool:
@@ -533,6 +549,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                     with self._tq_lock:
                         self._tq_beat(client, alive=not hung and not self._tq_fenced)
                     self._tq_beat_ok_at = monotonic()
+                    _frozen_links.pop(self._tq_link, None)
                     if monotonic() >= next_recover:
                         next_recover = monotonic() + self.recover_interval
                         moved = RECOVER(client, [self.global_keyprefix, self.sep, self.recover_limit])
@@ -568,7 +585,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 self._tq_server(),
                 silence,
             )
-            self._tq_sever()
+            _frozen_links[self._tq_link] = monotonic() + self.heartbeat_ttl
+            for channel in list(_live_channels):
+                if channel._tq_link == self._tq_link and channel._tq_pid == self._tq_pid:
+                    channel._tq_sever()
 
     def _tq_sever(self) -> None:
         """Shut down (not close: the event loop owns them) the sockets of the channel's pool, so
@@ -590,7 +610,19 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def _tq_frozen(self) -> bool:
+        """True while this process's link to the server is marked frozen (lapses on its own)."""
+        until = _frozen_links.get(self._tq_link)
+        return until is not None and monotonic() < until
+
+    def _tq_refuse_if_frozen(self) -> None:
+        if self._tq_frozen():
+            raise redis.exceptions.ConnectionError(
+                f"the link to Redis {self._tq_link[1]}:{self._tq_link[2]} looks frozen (no heartbeat reply)"
+            )
+
     def _tq_refuse_if_fenced(self) -> None:
+        self._tq_refuse_if_frozen()
         if self._tq_fenced:
             raise redis.exceptions.ConnectionError(
                 f"consumer {self._tq_cid} was fenced: its heartbeat expired while Redis was unreachable"
@@ -624,6 +656,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_stop.set()
         if mine:
             try:
+                self._tq_refuse_if_frozen()
                 with self._tq_lock:
                     self._tq_adopt("")
             except Exception as exc:

@@ -44,6 +44,7 @@ class Outcome:
     redelivery_s: float | None = None  # fault -> the last held task started elsewhere
     stall_s: float = 0.0  # longest gap between two task events on a healthy host with work left
     records: dict[str, int] = field(default_factory=dict)
+    resumed_s: float | None = None  # partition: link up -> host 0 ran a task sent to it alone
     t_fault: float = 0.0
     t_healed: float = 0.0
     logs: dict[str, str] = field(default_factory=dict)
@@ -54,9 +55,11 @@ class Outcome:
 
     def row(self) -> str:
         redelivery = "-" if self.redelivery_s is None else f"{self.redelivery_s:.1f}"
+        resumed = "-" if self.resumed_s is None else f"{self.resumed_s:.1f}"
         return (
             f"| {self.fault} | {self.broker} | {self.tasks} | {self.lost} | {self.duplicates} "
             f"({self.duplicates_not_started} not started) | {self.held} | {redelivery} | {self.stall_s:.2f} "
+            f"| {resumed} "
             f"| {self.records.get('SUCCESS', 0)}/{self.tasks}"
             f"{'' if self.terminal else ' ' + str(self.records)} |"
         )
@@ -64,7 +67,7 @@ class Outcome:
 
 HEADER = (
     "| fault | broker | tasks | lost | duplicates | held by host 0 | redelivery s | healthy hosts' "
-    "longest stall s | records SUCCESS |\n|---|---|---|---|---|---|---|---|---|"
+    "longest stall s | host 0 back s | records SUCCESS |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -159,6 +162,7 @@ def running_fleet(broker: str, hosts: int = 3) -> Iterator[RunningFleet]:
             WorkerProcess(
                 "tests.fleet.fleet_app",
                 concurrency=1,
+                queues=["tq.default", f"fleet.h{i}"],  # fleet.h<i>: a task for that host only
                 hostname=f"h{i}@fleet-{fleet.suffix}",
                 cwd=ROOT,
                 prefix=fleet.exec_prefix(i),
@@ -211,6 +215,7 @@ def run(
     partition_s: float = 35.0,
     power_cut_s: float = 5.0,
     finish_timeout: float = 240.0,
+    resume_timeout: float = 120.0,
     keep: Path | None = None,
 ) -> Outcome:
     """Run ``tasks`` tasks of ``ms`` on ``hosts`` hosts (c=1), inject ``fault`` on host 0.
@@ -229,11 +234,30 @@ def run(
 
         with contextlib.suppress(TimeoutError):
             _wait(finished, finish_timeout, "every task to finish")
+        resumed_s = None
+        if fault == "partition":
+            # Back on the link, host 0 may still run what it held (a worker that never noticed
+            # the cut resumes when a TCP retransmission gets through): wait until it has run a
+            # task sent to it alone, then a little longer.
+            probe = work.apply_async((1,), queue="fleet.h0", tags={"probe"}).id
+            with contextlib.suppress(TimeoutError):
+                _wait(lambda: probe in ledger.ended(), resume_timeout, "host 0 to resume")
+                ends = [float(f[4]) for f in ledger.lines() if f[0] == "E" and f[1] == probe]
+                resumed_s = max(ends) - t_healed
+                time.sleep(2)
         outcome = analyse(ledger.lines(), ids, fault, broker, t_fault, t_healed, hosts)
-        outcome.records = dict(registry.counts())
+        probes = registry.counts(tags={"probe"})
+        counts = {k: n - probes.get(k, 0) for k, n in registry.counts().items()}
+        outcome.records = {k: n for k, n in counts.items() if n}
+        outcome.resumed_s = resumed_s
         outcome.t_fault, outcome.t_healed = t_fault, t_healed
-        if keep := os.environ.get("TQ_FLEET_KEEP_LEDGER"):
-            Path(keep).write_text(ledger.path.read_text())
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            name = f"{fault}-{broker}-{running.fleet.suffix}"
+            (keep / f"{name}.ledger").write_text(ledger.path.read_text())
+            (keep / f"{name}.times").write_text(f"{t_fault} {t_healed}\n")
+            for i, w in enumerate(running.workers):
+                (keep / f"{name}.h{i}.log").write_text(w.log)
         outcome.logs = running.logs()
     return outcome
 
@@ -358,7 +382,8 @@ def analyse(
     out.redelivery_s = max(delays) if delays else None
     # Stalls count only while work that nobody else held was still queued.
     held_set = set(held) | redelivered
-    fresh_starts = [t for i, runs in starts.items() if i not in held_set for _, t in runs]
+    wanted = set(ids)
+    fresh_starts = [t for i, runs in starts.items() if i in wanted and i not in held_set for _, t in runs]
     if fresh_starts:
         window = (min(fresh_starts), max(fresh_starts))
         for h in (f"h{n}" for n in range(1, hosts)):
