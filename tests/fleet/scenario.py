@@ -302,12 +302,11 @@ def _environ(**values: str) -> Iterator[None]:
 
 
 def _inject(fleet: Fleet, fault: str, partition_s: float, power_cut_s: float) -> float:
-    """Hit host 0; returns when the fault hit (after the link went down: the ``ip`` call takes a
-    few milliseconds, in which host 0 may still start a task)."""
+    """Hit host 0; returns when the fault hit: once every process is killed, or the link is down
+    (killing and ``ip`` take milliseconds, in which host 0 may still start and finish a task)."""
     if fault == "host_loss":
-        t_fault = time.time()
         fleet.kill_host(0)
-        return t_fault
+        return time.time()
     if fault not in ("partition", "power_cut"):
         return time.time()
     fleet.partition(0)
@@ -375,10 +374,13 @@ def analyse(
     out.held = len(held)
     delays = []
     for i in held:
-        later = [t for h, t in starts.get(i, ()) if t >= t_fault and h != "h0"]
+        # Elsewhere (RabbitMQ redelivers a killed host's task before the kill call even returns),
+        # or on host 0 itself after the fault.
+        got = max(t for h, t in received[i] if h == "h0")
+        later = [t for h, t in starts.get(i, ()) if t > got and h != "h0"]
         later = later or [t for h, t in starts.get(i, ()) if t >= t_fault]
         if later:
-            delays.append(min(later) - t_fault)
+            delays.append(max(0.0, min(later) - t_fault))
     out.redelivery_s = max(delays) if delays else None
     # Stalls count only while work that nobody else held was still queued.
     held_set = set(held) | redelivered
