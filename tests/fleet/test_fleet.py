@@ -33,6 +33,7 @@ def test_a_redis_worker_cut_off_longer_than_its_heartbeat_runs_nothing_twice_on_
     outcome = scenario.run("partition", "redis", tasks=TASKS)
     assert_nothing_lost_nor_run_twice(outcome)
     assert "the link looks frozen" in outcome.logs["h0"], outcome.logs["h0"][-3000:]
+    assert outcome.resumed_s is not None, "host 0 did not come back to work after the partition"
 
 
 def test_a_power_cut_on_rabbitmq_loses_nothing_and_stalls_no_other_host() -> None:
