@@ -527,6 +527,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if (thread is not None and thread.is_alive()) or os.getpid() != self._tq_pid:
             return
         self._tq_stop = threading.Event()
+        self._tq_beat_ok_at = monotonic()  # silence counts from the thread's start
         self._tq_thread = threading.Thread(
             target=self._tq_heartbeat_loop,
             args=(self._tq_stop, self._tq_new_pool()),

@@ -1,4 +1,4 @@
-"""The fleet harness's verdict on a ledger (tests/fleet/scenario.py), without a fleet."""
+"""The fleet harness (tests/fleet) without a fleet: its verdict on a ledger, and when it refuses."""
 
 from __future__ import annotations
 
@@ -26,3 +26,10 @@ def test_the_ledger_verdict_counts_runs_beyond_the_first_and_held_tasks() -> Non
     assert (out.lost, out.duplicates, out.duplicates_not_started, out.held) == (1, 1, 1, 1)
     assert out.redelivery_s == pytest.approx(7.0)
     assert out.stall_s == pytest.approx(2.9)  # on h1, between c's end and d's start
+
+
+def test_a_fleet_is_not_built_without_root_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fleet import netns
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert "need root" in str(netns.can_run())
