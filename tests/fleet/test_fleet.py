@@ -36,6 +36,14 @@ def test_a_redis_worker_cut_off_longer_than_its_heartbeat_runs_nothing_twice_on_
     assert outcome.resumed_s is not None, "host 0 did not come back to work after the partition"
 
 
+def test_a_rabbitmq_worker_cut_off_leaves_every_record_success_and_comes_back() -> None:
+    # Cut off, the worker's cancelled run writes RETRY when the link returns, after the
+    # redelivered run's SUCCESS: the terminal state stays.
+    outcome = scenario.run("partition", "rabbitmq", tasks=TASKS)
+    assert_nothing_lost_nor_run_twice(outcome)
+    assert outcome.resumed_s is not None, "host 0 did not come back to work after the partition"
+
+
 def test_a_power_cut_on_rabbitmq_loses_nothing_and_stalls_no_other_host() -> None:
     outcome = scenario.run("power_cut", "rabbitmq", tasks=TASKS)
     assert_nothing_lost_nor_run_twice(outcome)
