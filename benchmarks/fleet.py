@@ -13,10 +13,11 @@ its own). It sends ``--tasks`` tasks of ``--ms``, and when a quarter have run hi
 
 Columns (from a ledger the tasks append to, independent of Celery and the registry): lost = tasks
 that never ended; duplicates = runs beyond the first (in brackets: of tasks none of whose runs
-had started when the fault hit); held = tasks host 0 had received and not finished; redelivery
-= fault to the last held task's start on another host; stall = the longest gap between two
-task events on a healthy host while fresh work was queued; records = SUCCESS records in the
-registry at the end. Then one priority row per broker: per CRITICAL task sent behind a LOW
+had started within 0.5 s of the fault, i.e. reserved, not in flight); held = tasks host 0 had
+received and not finished; redelivery = fault to the last held task's start on another host;
+stall = the longest gap between two task events on a healthy host while fresh work was queued;
+host 0 back = link up to host 0 running a task sent to it alone; records = SUCCESS records in
+the registry at the end. Then one priority row per broker: per CRITICAL task sent behind a LOW
 backlog, how many LOW tasks started between its sending and its start (bound: hosts x (c+1) = 6).
 """
 

@@ -77,7 +77,7 @@ from celery_tq.transport import redis_scripts
 kombu_redis: Any = importlib.import_module("kombu.transport.redis")
 virtual: Any = importlib.import_module("kombu.transport.virtual")
 
-__all__ = ["Channel", "QoS", "Transport"]
+__all__ = ["Channel", "LinkFrozen", "QoS", "Transport"]
 
 logger = logging.getLogger("celery_tq.transport.redis")
 
@@ -91,6 +91,14 @@ _live_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 # Links found frozen (see Channel._tq_watch_link) -> monotonic time the mark lapses. While marked,
 # commands fail at once instead of blocking the event loop on a connect that cannot succeed.
 _frozen_links: dict[tuple[Any, ...], float] = {}
+
+
+class LinkFrozen(redis.exceptions.RedisError):
+    """A publish or query sent while this process's link to the server is marked frozen.
+
+    Not a connection error on purpose: kombu's ``ensure()`` retries those without end (Celery's
+    worker heartbeat publishes that way), which would block the event loop until the link
+    returns; this one reaches the caller (kombu's timer logs it) and the loop goes on."""
 
 
 class _Script:
@@ -290,7 +298,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if client:
             yield client
             return
-        self._tq_refuse_if_frozen()  # e.g. the event dispatcher's publish: fail, don't block the loop
+        self._tq_refuse_if_frozen(LinkFrozen)  # e.g. an event's publish: fail, don't block the loop
         pool = self.pool
         cached = self.__dict__.get("_tq_kombu_client")
         if cached is None or cached[0] is not pool:
@@ -616,11 +624,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         until = _frozen_links.get(self._tq_link)
         return until is not None and monotonic() < until
 
-    def _tq_refuse_if_frozen(self) -> None:
+    def _tq_refuse_if_frozen(self, error: type[Exception] = redis.exceptions.ConnectionError) -> None:
         if self._tq_frozen():
-            raise redis.exceptions.ConnectionError(
-                f"the link to Redis {self._tq_link[1]}:{self._tq_link[2]} looks frozen (no heartbeat reply)"
-            )
+            where = f"{self._tq_link[1]}:{self._tq_link[2]}"
+            raise error(f"the link to Redis {where} looks frozen (no heartbeat reply)")
 
     def _tq_refuse_if_fenced(self) -> None:
         self._tq_refuse_if_frozen()

@@ -232,6 +232,8 @@ def test_a_silent_heartbeat_severs_the_link_then_fences_the_channel(db: str) -> 
             assert channel._tq_severed and not channel._tq_fenced
             with pytest.raises(redis.exceptions.ConnectionError, match="looks frozen"):
                 channel._tq_client()  # fails at once rather than waiting on a connect
+            with pytest.raises(tq_redis.LinkFrozen), channel.conn_or_acquire():
+                pass  # a publish: not a connection error, so kombu's ensure() does not spin on it
             channel._tq_watch_link(2.5)  # > ttl: others may have recovered what it held
             assert channel._tq_fenced
             tq_redis._frozen_links.clear()  # a beat got through again
