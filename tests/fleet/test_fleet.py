@@ -31,7 +31,7 @@ def assert_nothing_lost_nor_run_twice(outcome: scenario.Outcome) -> None:
     assert outcome.stall_s < 5, diagnosis
 
 
-def test_a_redis_worker_cut_off_longer_than_its_heartbeat_runs_nothing_twice_on_tq_redis() -> None:
+def test_a_tq_redis_worker_cut_off_longer_than_its_heartbeat_drops_what_it_had_reserved() -> None:
     outcome = scenario.run("partition", "redis", tasks=TASKS)
     assert_nothing_lost_nor_run_twice(outcome)
     assert "the link looks frozen" in outcome.logs["h0"], outcome.logs["h0"][-3000:]
