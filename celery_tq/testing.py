@@ -43,8 +43,10 @@ class WorkerProcess:
         hostname: str | None = None,
         extra_args: Iterable[str] = (),
         ready_timeout: float = 60.0,
+        prefix: Iterable[str] = (),
     ) -> None:
         self.args = [
+            *prefix,  # e.g. ["ip", "netns", "exec", "host1"]: a wrapper that execs the worker
             sys.executable,
             "-m",
             "celery",

@@ -17,8 +17,9 @@ of connecting; any other consumer of the event exchange within one heartbeat int
 
 Nothing changes for a worker whose task events are off, on other transports, or with
 ``tq_pause_unwatched_events = False``. If a probe fails or times out (a broker under a memory
-alarm blocks publishers), task events stay on and probing pauses for a minute; the next probe
-uses a new channel, so a late confirm cannot answer it.
+alarm blocks publishers, a cut-off link), task events stay on (the log says the probe failed,
+not that a monitor listens) and probing pauses for a minute; the next probe uses a new
+channel, so a late confirm cannot answer it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class _Probe:
             logger.debug("task event probe failed (%r); task events stay on", exc)
             self.producer = None  # a late confirm must not answer the next probe: a new channel
             self.resume_probing_at = time.monotonic() + BACKOFF
-            self._set_watched(True)
+            self._set_watched(True, failed=exc)
             return self.publish_plain(event, producer, routing_key, *args, **kwargs)
         self._set_watched(routed)
         return None
@@ -92,7 +93,8 @@ class _Probe:
         if self.producer is not None and self.producer.channel is channel:  # not a dropped channel's
             self.returned = True
 
-    def _set_watched(self, watched: bool) -> None:
+    def _set_watched(self, watched: bool, failed: BaseException | None = None) -> None:
+        """Pause or resume task events; ``failed``: resumed because a probe failed, not a monitor."""
         if watched == self.watched:
             return
         self.watched = watched
@@ -106,7 +108,15 @@ class _Probe:
         elif self.paused_task_group:
             self.paused_task_group = False
             groups.add("task")
-            logger.info("Task events resumed: a monitor is listening")
+            if failed is None:
+                logger.info("Task events resumed: a monitor is listening")
+            else:  # e.g. a probe timed out while the broker was unreachable: nobody was seen
+                logger.info(
+                    "Task events back on: the event probe failed (%r), so whether a monitor "
+                    "listens is unknown; probing again in %.0f s",
+                    failed,
+                    BACKOFF,
+                )
 
 
 class WatchedEvents(bootsteps.StartStopStep):

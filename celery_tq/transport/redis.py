@@ -19,6 +19,17 @@ What differs is consuming (scripts in :mod:`celery_tq.transport.redis_scripts`):
   worker's long, ETA or prefetched messages are never redelivered behind its back.
   ``max_hold`` (s, off by default) stops the heartbeat when the consumer's event loop has not
   run for that long (a hung worker); with the solo pool it must exceed the longest task.
+* **Cut-off links.** The heartbeat thread is also the link's watchdog: its commands time out
+  after ``heartbeat_ttl / 4`` s, and when no beat got through for ``heartbeat_ttl / 2`` s the
+  link is taken as frozen (a partition drops packets silently: no error, no RST): the sockets
+  of every channel of this process on that server are shut down, and for ``heartbeat_ttl`` s
+  (or until a beat gets through) new commands on it fail at once instead of blocking the event
+  loop on a connect (the event dispatcher's publish did). The worker sees "connection lost" at
+  once, drops what it had reserved (Celery's reconnect does) and reconnects under a new
+  consumer id. Once no beat
+  got through for ``heartbeat_ttl`` s the heartbeat has expired and other workers may have
+  recovered this consumer's messages: the channel is **fenced**, it delivers nothing more
+  (a fetch reply that arrives late is dropped) and refuses to fetch again.
 * **Wake-up.** Producers of this transport add a marker to ``_tq.wake.<queue>`` after the
   message; an idle consumer blocks on the markers of all its queues (BZPOPMIN) and fetches
   when woken. Stock producers write no marker: the block times out after
@@ -47,6 +58,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from queue import Empty
@@ -65,7 +77,7 @@ from celery_tq.transport import redis_scripts
 kombu_redis: Any = importlib.import_module("kombu.transport.redis")
 virtual: Any = importlib.import_module("kombu.transport.virtual")
 
-__all__ = ["Channel", "QoS", "Transport"]
+__all__ = ["Channel", "LinkFrozen", "QoS", "Transport"]
 
 logger = logging.getLogger("celery_tq.transport.redis")
 
@@ -73,6 +85,20 @@ MIN_REDIS = (6, 2)
 WAKE = "_tq.wake."
 _SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 _checked_servers: set[tuple[Any, ...]] = set()
+# This process's channels, so a frozen link found by one consumer's heartbeat also frees the
+# others on that server (the event dispatcher's publish blocked on the same link, for one).
+_live_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+# Links found frozen (see Channel._tq_watch_link) -> monotonic time the mark lapses. While marked,
+# commands fail at once instead of blocking the event loop on a connect that cannot succeed.
+_frozen_links: dict[tuple[Any, ...], float] = {}
+
+
+class LinkFrozen(redis.exceptions.RedisError):
+    """A publish or query sent while this process's link to the server is marked frozen.
+
+    Not a connection error on purpose: kombu's ``ensure()`` retries those without end (Celery's
+    worker heartbeat publishes that way), which would block the event loop until the link
+    returns; this one reaches the caller (kombu's timer logs it) and the loop goes on."""
 
 
 class _Script:
@@ -187,9 +213,16 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_stop = threading.Event()
         self._tq_thread: threading.Thread | None = None
         self._tq_cached: tuple[Any, Any] | None = None
+        self._tq_beat_ok_at = monotonic()
+        self._tq_severed = False
+        self._tq_fenced = False
         connection = args[0] if args else kwargs["connection"]
         self._tq_check_options(connection.client)
+        conninfo = connection.client
+        self._tq_link = (type(self), conninfo.hostname, conninfo.port, conninfo.virtual_host)
+        self._tq_refuse_if_frozen()  # Celery's reconnect: retry later rather than block on connect
         super().__init__(*args, **kwargs)
+        _live_channels.add(self)
         self.brpop_timeout = self.connection.brpop_timeout
         try:
             self._tq_check_server()
@@ -240,13 +273,20 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _tq_new_pool(self) -> Any:
         """A pool of its own for the heartbeat thread, released by :meth:`_tq_drop_pool`."""
-        return redis.ConnectionPool(**self._connparams())
+        timeout = self._tq_beat_timeout()
+        params = {**self._connparams(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
+        return redis.ConnectionPool(**params)
+
+    def _tq_beat_timeout(self) -> float:
+        """Socket timeout of the heartbeat thread: short, so a frozen link fails its beats."""
+        return max(1.0, min(self.socket_timeout or self.heartbeat_ttl, self.heartbeat_ttl / 4))
 
     def _tq_drop_pool(self, pool: Any) -> None:
         pool.disconnect()
 
     def _tq_client(self) -> Any:
         """The channel's one synchronous client, rebuilt when its pool changes (fork, close)."""
+        self._tq_refuse_if_frozen()
         pool = self.pool
         cached = self._tq_cached
         if cached is None or cached[0] is not pool:
@@ -258,6 +298,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if client:
             yield client
             return
+        self._tq_refuse_if_frozen(LinkFrozen)  # e.g. an event's publish: fail, don't block the loop
         pool = self.pool
         cached = self.__dict__.get("_tq_kombu_client")
         if cached is None or cached[0] is not pool:
@@ -330,6 +371,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return self.fetch_limit if credit is None else max(0, min(credit, self.fetch_limit))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        self._tq_refuse_if_fenced()
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -394,6 +436,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return True
 
     def _tq_deliver(self, src: str, raw: bytes) -> None:
+        if self._tq_fenced:
+            return  # a late fetch reply: the message went back to its queue with our heartbeat
         queue = src.rsplit(self.sep, 1)[0] if self.sep in src else src
         try:
             payload = loads(bytes_to_str(raw))
@@ -418,6 +462,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self.connection._deliver(payload, queue)
 
     def _get(self, queue: str) -> dict[str, Any]:
+        self._tq_refuse_if_fenced()
         self._tq_ensure_heartbeat()
         with self._tq_lock:
             reply = FETCH(self._tq_client(), self._tq_fetch_args([queue], 1, self._tq_drain_acks()))
@@ -490,6 +535,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if (thread is not None and thread.is_alive()) or os.getpid() != self._tq_pid:
             return
         self._tq_stop = threading.Event()
+        self._tq_beat_ok_at = monotonic()  # silence counts from the thread's start
         self._tq_thread = threading.Thread(
             target=self._tq_heartbeat_loop,
             args=(self._tq_stop, self._tq_new_pool()),
@@ -510,7 +556,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                         logger.warning("consumer loop idle > max_hold=%ss: heartbeat stopped", self.max_hold)
                     warned = hung
                     with self._tq_lock:
-                        self._tq_beat(client, alive=not hung)
+                        self._tq_beat(client, alive=not hung and not self._tq_fenced)
+                    self._tq_beat_ok_at = monotonic()
+                    _frozen_links.pop(self._tq_link, None)
                     if monotonic() >= next_recover:
                         next_recover = monotonic() + self.recover_interval
                         moved = RECOVER(client, [self.global_keyprefix, self.sep, self.recover_limit])
@@ -518,11 +566,75 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                             logger.warning("recovered %d message(s) of dead consumers", moved)
                 except Exception as exc:  # the loop must outlive broker outages
                     logger.debug("heartbeat failed: %r", exc)
+                    self._tq_watch_link(monotonic() - self._tq_beat_ok_at)
                 if stop.wait(self.heartbeat_interval):
                     return
         finally:
             client.close()
             self._tq_drop_pool(pool)
+
+    # -- cut-off links ---------------------------------------------------------------------------
+
+    def _tq_watch_link(self, silence: float) -> None:
+        """After ``silence`` s without a beat: sever a frozen link, fence an expired heartbeat."""
+        if silence > self.heartbeat_ttl and not self._tq_fenced:
+            self._tq_fenced = True
+            logger.warning(
+                "no heartbeat reached Redis %s for %.0f s (heartbeat_ttl=%ss): consumer %s is "
+                "fenced, its unacked messages belong to whoever recovers them",
+                self._tq_server(),
+                silence,
+                self.heartbeat_ttl,
+                self._tq_cid,
+            )
+        if silence > self.heartbeat_ttl / 2 and not self._tq_severed:
+            self._tq_severed = True
+            logger.warning(
+                "no reply from Redis %s for %.0f s: the link looks frozen, dropping the connection",
+                self._tq_server(),
+                silence,
+            )
+            _frozen_links[self._tq_link] = monotonic() + self.heartbeat_ttl
+            for channel in list(_live_channels):
+                if channel._tq_link == self._tq_link and channel._tq_pid == self._tq_pid:
+                    channel._tq_sever()
+
+    def _tq_sever(self) -> None:
+        """Shut down (not close: the event loop owns them) the sockets of the channel's pool, so
+        a read blocked on a frozen link, or an event loop waiting for its reply, gets EOF now.
+
+        Uses redis-py's ``ConnectionPool._get_in_use_connections`` / ``_get_free_connections``
+        and ``Connection._sock`` (redis-py 8.1)."""
+        connections: list[Any] = []
+        client = self.__dict__.get("client")
+        if client is not None:
+            connections.append(getattr(client, "connection", None))
+        for pool in (self._pool, self._async_pool):
+            for name in ("_get_in_use_connections", "_get_free_connections"):
+                with suppress(Exception):
+                    connections += list(getattr(pool, name)())
+        for connection in connections:
+            sock = getattr(connection, "_sock", None)
+            if sock is not None:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _tq_frozen(self) -> bool:
+        """True while this process's link to the server is marked frozen (lapses on its own)."""
+        until = _frozen_links.get(self._tq_link)
+        return until is not None and monotonic() < until
+
+    def _tq_refuse_if_frozen(self, error: type[Exception] = redis.exceptions.ConnectionError) -> None:
+        if self._tq_frozen():
+            where = f"{self._tq_link[1]}:{self._tq_link[2]}"
+            raise error(f"the link to Redis {where} looks frozen (no heartbeat reply)")
+
+    def _tq_refuse_if_fenced(self) -> None:
+        self._tq_refuse_if_frozen()
+        if self._tq_fenced:
+            raise redis.exceptions.ConnectionError(
+                f"consumer {self._tq_cid} was fenced: its heartbeat expired while Redis was unreachable"
+            )
 
     def _tq_beat(self, client: Any, alive: bool) -> None:
         acks = self._tq_drain_acks()
@@ -552,6 +664,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_stop.set()
         if mine:
             try:
+                self._tq_refuse_if_frozen()
                 with self._tq_lock:
                     self._tq_adopt("")
             except Exception as exc:

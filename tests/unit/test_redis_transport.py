@@ -221,3 +221,26 @@ def test_redis_cluster_refused_clearly(tmp_path: Path) -> None:
             conn.default_channel  # noqa: B018
     finally:
         server.stop()
+
+
+def test_a_silent_heartbeat_severs_the_link_then_fences_the_channel(db: str) -> None:
+    with Connection(db, transport_options=opts()) as conn:  # heartbeat_ttl 2 s
+        channel = conn.default_channel
+        publish(conn, "cut", ["late"])
+        try:
+            channel._tq_watch_link(1.5)  # > ttl / 2: the link looks frozen
+            assert channel._tq_severed and not channel._tq_fenced
+            with pytest.raises(redis.exceptions.ConnectionError, match="looks frozen"):
+                channel._tq_client()  # fails at once rather than waiting on a connect
+            with pytest.raises(tq_redis.LinkFrozen), channel.conn_or_acquire():
+                pass  # a publish: not a connection error, so kombu's ensure() does not spin on it
+            channel._tq_watch_link(2.5)  # > ttl: others may have recovered what it held
+            assert channel._tq_fenced
+            tq_redis._frozen_links.clear()  # a beat got through again
+            with pytest.raises(redis.exceptions.ConnectionError, match="fenced"):
+                channel._get("cut")
+            reply = tq_redis.FETCH(channel._tq_client(), channel._tq_fetch_args(["cut"], 1, []))
+            channel._tq_deliver(reply[0].decode(), reply[1])  # a fetch reply arriving late
+            assert channel._tq_held == {} and not channel.qos._delivered
+        finally:
+            tq_redis._frozen_links.clear()

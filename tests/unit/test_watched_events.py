@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import pytest
 
 from celery_tq import watched_events
 
@@ -37,6 +40,17 @@ def test_a_failed_probe_keeps_task_events_on_and_backs_off() -> None:
     probe.publish({"type": "worker-heartbeat"}, None, "worker.heartbeat")  # backing off: no probe
     assert dispatcher.published == ["worker.heartbeat"] * 2
     assert dispatcher.producer.connection.calls == 1
+
+
+def test_a_failed_probe_is_not_logged_as_a_listening_monitor(caplog: pytest.LogCaptureFixture) -> None:
+    dispatcher = _Dispatcher()
+    probe = watched_events._Probe(dispatcher)
+    probe._set_watched(False)
+    with caplog.at_level(logging.INFO, logger="celery_tq"):
+        probe.publish({"type": "worker-heartbeat"}, None, "worker.heartbeat")
+    assert dispatcher.groups == {"worker", "task"}
+    assert "a monitor is listening" not in caplog.text
+    assert "the event probe failed (ConnectionError('broker gone'))" in caplog.text
 
 
 def test_task_events_are_never_probes() -> None:
