@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--trips", type=int, default=200)
+    parser.add_argument("--latency-only", action="store_true", help="skip the throughput rounds")
     args = parser.parse_args()
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv), flush=True)
     import subprocess
@@ -235,7 +236,7 @@ def main() -> None:
         rows = configs(pg, vhost)
         rates: dict[str, list[float]] = {c.label: [] for c in rows}
         ratios: dict[str, list[float]] = {c.label: [] for c in rows}
-        for round_no in range(args.rounds):
+        for round_no in range(0 if args.latency_only else args.rounds):
             for config in rows:
                 rates[config.label].append(drain(config, args.tasks, workdir, pg))
                 print(
@@ -248,7 +249,7 @@ def main() -> None:
         )
         print("| configuration | tasks/s | vs plain Celery |")
         print("|---|---:|---:|")
-        for config in rows:
+        for config in [] if args.latency_only else rows:
             print(
                 f"| {config.label} | {statistics.median(rates[config.label]):.0f} | "
                 f"{statistics.median(ratios[config.label]):.2f}x |"
