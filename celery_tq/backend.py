@@ -217,9 +217,10 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             raise StorageError(f"corrupt result meta: {exc}", record.id) from exc
         if not isinstance(meta, dict):
             raise StorageError("corrupt result meta: not an object", record.id)
-        if record.state == QUEUED or not row.get("meta"):
+        if record.state == QUEUED or (not row.get("meta") and record.state != states.REJECTED):
             # Celery has no QUEUED: a task not started yet is PENDING to its clients, and so is a
-            # task Celery stored nothing for (``ignore_result`` runs, REJECTED: records without meta).
+            # task Celery stored nothing for (``ignore_result`` runs: records without meta). A
+            # message no worker could read stays REJECTED, so ``get()`` ends instead of waiting.
             return {
                 "status": states.PENDING,
                 "result": None,
