@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from kombu.utils.url import maybe_sanitize_url
@@ -56,6 +56,7 @@ class QueuedWriter:
         self._has_work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._busy = False
+        self._failing = False
         self._urgent = 0
         thread = threading.Thread(target=self._run, name="celery-tq-registry", daemon=True)
         thread.start()
@@ -68,6 +69,12 @@ class QueuedWriter:
             self._pending.append(row)
             if len(self._pending) >= BATCH:
                 self._has_work.notify()  # else the thread finds it on its next tick: no wake-up per change
+
+    def _set_failing(self, failing: bool) -> None:
+        with self._lock:
+            self._failing = failing
+            if failing:
+                self._idle.notify_all()  # a waiting flush() gives up: the store is down
 
     def take(self) -> list[Row]:
         """Take every change still buffered (the caller writes them with its own, in order)."""
@@ -90,12 +97,14 @@ class QueuedWriter:
         with self._lock:
             if not self._pending and not self._busy:
                 return True
+            if self._failing:  # the store is down: the thread keeps retrying; nobody waits on it
+                return False
             self._urgent += 1  # no lingering while someone waits
             self._has_work.notify()
             try:
                 while self._pending or self._busy:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or self._failing:
                         return False
                     self._idle.wait(remaining)
             finally:
@@ -120,7 +129,7 @@ class QueuedWriter:
                     continue  # everything was retracted
                 batch = [self._pending.popleft() for _ in range(min(BATCH, len(self._pending)))]
                 self._busy = True
-            _write_until_done(self.store, batch)
+            _write_until_done(self.store, batch, self._set_failing)
             with self._lock:
                 self._busy = False
                 self._idle.notify_all()
@@ -152,12 +161,13 @@ def _refused(row: Row, exc: StorageError) -> None:
     )
 
 
-def _write_until_done(store: Store, batch: list[Row]) -> None:
+def _write_until_done(store: Store, batch: list[Row], failing: Callable[[bool], None]) -> None:
     delay, failing_since = 0.05, 0.0
     while True:
         try:
             write_isolating(store, batch)
         except Exception as exc:
+            failing(True)
             now = time.monotonic()
             if not failing_since or now - failing_since > RETRY_FOR:
                 failing_since = now
@@ -171,6 +181,7 @@ def _write_until_done(store: Store, batch: list[Row]) -> None:
             delay = min(delay * 2, 5.0)
         else:
             if failing_since:
+                failing(False)
                 logger.warning("celery-tq: registry store %s reachable again", maybe_sanitize_url(store.url))
             return
 

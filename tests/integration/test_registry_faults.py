@@ -132,6 +132,7 @@ def test_get_with_a_timeout_honours_it_while_the_store_is_down(
     backend = f"tq+redis://127.0.0.1:{private_redis.port}/0"
     app = tqshop.make_app(redis_dbs[0], backend)  # the production preset's result-store retries
     queued = app.tasks["tqshop.add"].delay(1, 2)  # no worker: it stays queued
+    assert Registry(store_for_url(backend)).get(queued.id) is not None  # its QUEUED is written
     private_redis.kill()
     started = time.monotonic()
     with pytest.raises(CeleryTimeoutError) as caught:

@@ -93,3 +93,20 @@ def test_the_background_writer_isolates_a_refused_row() -> None:
     writer.put(change("c", QUEUED, name="t"))  # later changes still flow
     assert writer.flush(timeout=5)
     assert _state(store.inner, "c") == QUEUED
+
+
+def test_flush_does_not_wait_on_a_store_that_is_down() -> None:
+    class DownStore(CountingStore):
+        def write(self, changes: Any) -> None:
+            raise ConnectionError("store down")
+
+    store: Any = DownStore()
+    writer = QueuedWriter(store, linger=0.01)
+    writer.put(change("a", QUEUED, name="t"))
+    deadline = time.monotonic() + 5
+    while not writer._failing:  # the thread has met the outage
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert writer.flush(timeout=10) is False  # the row stays buffered; the caller goes on
+    assert time.monotonic() - started < 1
