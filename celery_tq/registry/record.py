@@ -28,6 +28,7 @@ __all__ = [
     "Row",
     "TaskRecord",
     "change",
+    "fold",
     "is_state_name",
     "merge",
     "progress_of",
@@ -188,6 +189,14 @@ def merge(old: Row | None, new: Row) -> Row:
         runtime = float(row["finished_at"]) - float(row["started_at"])
         row["runtime"] = runtime if runtime >= 0 else None
     return {k: v for k, v in row.items() if v is not None}
+
+
+def fold(changes: Iterable[Row]) -> dict[str, Row]:
+    """A batch reduced to one change per task (merged in order): one store write per task."""
+    folded: dict[str, Row] = {}
+    for change in changes:
+        folded[change["id"]] = merge(folded.get(change["id"]), change)
+    return folded
 
 
 def _progress(row: Row) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from celery_tq.registry.kvlist import by_score, scored
-from celery_tq.registry.record import FINAL, Query, Row, merge
+from celery_tq.registry.record import FINAL, Query, Row, fold
 
 __all__ = ["RedisStore"]
 
@@ -175,9 +175,7 @@ class RedisStore:
         return f"{self.prefix}t:{task_id}"
 
     def write(self, changes: Sequence[Row]) -> None:
-        folded: dict[str, Row] = {}
-        for change in changes:  # one script call per task: a short task's STARTED rides with its outcome
-            folded[change["id"]] = merge(folded.get(change["id"]), change)
+        folded = fold(changes)  # one script call per task: a short task's STARTED rides with its outcome
         if len(folded) == 1:  # one EVALSHA round trip
             (change,) = folded.values()
             self._merge(keys=[self._key(change["id"])], args=self._args(change))

@@ -45,7 +45,7 @@ from sqlalchemy.sql import ColumnElement, FromClause
 
 from celery_tq.errors import StorageError
 from celery_tq.registry.kvlist import by_score, scored
-from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, merge
+from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, fold
 from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
 from celery_tq.registry.sql_merge import NOTIFY_CHANNEL, tag_upsert_sqlite, task_upsert
 
@@ -121,8 +121,6 @@ class SqlStore:
             _sqlite_locking(self.engine)
         else:
             engine_url, args, self.through_pgbouncer = pg_params(parsed)
-            if self.through_pgbouncer:
-                args["prepare_threshold"] = None
             self.engine = create_engine(engine_url, pool_pre_ping=True, pool_size=2, connect_args=args)
         self.direct = DirectConnection(parsed, self.is_sqlite)
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
@@ -201,9 +199,7 @@ class SqlStore:
 
     def write(self, changes: Sequence[Row]) -> None:
         self._ensure_schema()
-        folded: dict[str, Row] = {}
-        for change in changes:
-            folded[change["id"]] = merge(folded.get(change["id"]), change)
+        folded = fold(changes)
         ids = sorted(folded)  # one lock order for every writer: concurrent batches never deadlock
         params = [folded[i].get(c) for i in ids for c in COLUMNS]
         statement = task_upsert(self.dialect, len(ids))

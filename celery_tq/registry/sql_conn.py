@@ -54,7 +54,9 @@ def pg_params(url: URL) -> tuple[URL, dict[str, Any], bool]:
         "keepalives_count": 3,
         "tcp_user_timeout": 15000,  # ms: unacknowledged data on a frozen link
     }
-    if not pgbouncer:
+    if pgbouncer:
+        args["prepare_threshold"] = None  # PgBouncer's transaction mode has no prepared statements
+    else:
         own = " ".join(f"-c {k}={v}" for k, v in PG_SESSION.items())
         extra = url.query.get("options")  # the URL's own options (e.g. search_path) come first
         args["options"] = f"{extra if isinstance(extra, str) else ' '.join(extra)} {own}" if extra else own
@@ -115,9 +117,7 @@ class DirectConnection:
             return conn
         import psycopg
 
-        url, args, pgbouncer = pg_params(self.url)
-        if pgbouncer:
-            args["prepare_threshold"] = None  # PgBouncer's transaction mode has no prepared statements
+        url, args, _ = pg_params(self.url)
         conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         return psycopg.connect(conninfo, autocommit=True, **args)
 

@@ -76,9 +76,10 @@ _SQLITE_SET = ", ".join(
 # PostgreSQL: the facts computed once in a sub-select (and a statement short enough for psycopg
 # to cache its parsed form: it re-parses statements longer than 4 KiB on every execution).
 _PG_MERGED = _merged("o", "excluded", "m.nw", "m.lt")
+_PG_NEWER, _PG_LATER = _facts("o", "excluded")
 _PG_SET = (
     f"({', '.join(_UPDATED)}) = (SELECT {', '.join(_PG_MERGED[c] for c in _UPDATED)} "
-    f"FROM (SELECT {_facts('o', 'excluded')[0]} AS nw, {_facts('o', 'excluded')[1]} AS lt) AS m)"
+    f"FROM (SELECT {_PG_NEWER} AS nw, {_PG_LATER} AS lt) AS m)"
 )
 
 

@@ -127,15 +127,9 @@ def _metrics(port: int) -> dict[str, float]:
     return values
 
 
-def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: str) -> None:
-    redis_shop.app.conf.update(REDIS_REGISTRY)
-    redis_shop.start_worker(env=_conf(redis_shop))
-    redis_shop.app.tasks["tqshop.add"].apply_async((1, 1), priority=9).get(timeout=30)
-    with pytest.raises(celery_tq.errors.InvalidInput):
-        redis_shop.app.tasks["tqshop.slow_fail"].apply_async((0.01,), tags={"vip"}).get(timeout=30)
+def _exporter_metrics(env: dict[str, str]) -> dict[str, float]:
+    """Start ``celery tq exporter`` with ``env``, scrape it once, stop it."""
     port = free_port()
-    conf = json.dumps({"tq_metric_tags": ["vip"], **REDIS_REGISTRY})
-    env = _env(redis_shop, data_dir, TQSHOP_CONF=conf)
     exporter = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "tqshop", "tq", "exporter", "--port", str(port)],
         env=env,
@@ -147,6 +141,17 @@ def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: st
     finally:
         exporter.terminate()
         exporter.wait(10)
+    return metrics
+
+
+def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: str) -> None:
+    redis_shop.app.conf.update(REDIS_REGISTRY)
+    redis_shop.start_worker(env=_conf(redis_shop))
+    redis_shop.app.tasks["tqshop.add"].apply_async((1, 1), priority=9).get(timeout=30)
+    with pytest.raises(celery_tq.errors.InvalidInput):
+        redis_shop.app.tasks["tqshop.slow_fail"].apply_async((0.01,), tags={"vip"}).get(timeout=30)
+    conf = json.dumps({"tq_metric_tags": ["vip"], **REDIS_REGISTRY})
+    metrics = _exporter_metrics(_env(redis_shop, data_dir, TQSHOP_CONF=conf))
     assert metrics["tq_up"] == 1
     assert metrics["tq_refused_messages_total"] == 0
     assert metrics['tq_tasks{name="tqshop.add",state="SUCCESS"}'] == 1

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from celery_tq import Priority
-from tests.ports import free_port
 
 from .conftest import Shop
-from .test_monitoring import _env, _metrics, _tq
+from .test_monitoring import _env, _exporter_metrics, _tq
 
 BANDS = {"tq.high": [7, 9], "tq.default": [3, 6], "tq.low": [0, 2]}
 
@@ -32,18 +29,7 @@ def test_status_and_exporter_count_every_queue_after_a_missing_one_on_rabbitmq(
     depth = {q["queue"]: q["messages"] for q in json.loads(status.stdout)["queues"]}
     assert depth == {"tq.high": 0, "tq.default": 0, "tq.low": 4}
 
-    port = free_port()
-    exporter = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tqshop", "tq", "exporter", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        metrics = _metrics(port)
-    finally:
-        exporter.terminate()
-        exporter.wait(10)
+    metrics = _exporter_metrics(env)
     assert metrics["tq_up"] == 1
     assert metrics['tq_queue_depth{priority="",queue="tq.low"}'] == 4
     assert metrics['tq_queue_depth{priority="",queue="tq.high"}'] == 0
