@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
+LOWEST ?= .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
 
 .PHONY: install demo test test-lowest lint bench compat
 
