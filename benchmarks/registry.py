@@ -59,8 +59,11 @@ APP = textwrap.dedent(
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    if os.environ.get("BENCH_QUEUE"):  # the latency rows run every configuration at once
+        queue = os.environ["BENCH_QUEUE"]
+        app.conf.update(task_default_queue=queue, tq_default_queue=queue)
 
-    @app.task(name="bench.noop")
+    @app.task(name="bench.noop", shared=False)
     def noop(i):
         return i
     """
@@ -68,14 +71,18 @@ APP = textwrap.dedent(
 
 
 class Config:
-    def __init__(self, label: str, broker: str, backend: str, tq: bool, baseline: str) -> None:
+    def __init__(
+        self, label: str, broker: str, backend: str, tq: bool, baseline: str, queue: str = ""
+    ) -> None:
         self.label, self.broker, self.backend, self.tq, self.baseline = label, broker, backend, tq, baseline
+        self.queue = queue
 
     def env(self) -> dict[str, str]:
         return {
             "BENCH_BROKER": self.broker,
             "BENCH_BACKEND": self.backend,
             "BENCH_TQ": "1" if self.tq else "0",
+            "BENCH_QUEUE": self.queue,
         }
 
 
@@ -174,29 +181,51 @@ def drain(config: Config, tasks: int, workdir: Path, pg: str) -> float:
 
 
 def latency(
-    config: Config, calls: int, trips: int, workdir: Path, pg: str
-) -> tuple[list[float], list[float]]:
+    configs: list[Config], calls: int, trips: int, workdir: Path, pg: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``apply_async``: every configuration's app in this process, call by call in a shuffled
+    order, so load hits them alike. Round trips: in blocks per configuration, alternating. In ms.
+    """
+    import random
+
     reset(pg)
-    app = load_app(config, workdir)
-    noop = app.tasks["bench.noop"]  # type: ignore[attr-defined]
-    noop.apply_async((0,))  # connections up
-    publish = []
+    noops = {}
+    for config in configs:
+        app = load_app(config, workdir)
+        noops[config.label] = app.tasks["bench.noop"]  # type: ignore[attr-defined]
+        noops[config.label].apply_async((0,))  # connections up
+    order = list(noops.items())
+    publish: dict[str, list[float]] = {label: [] for label in noops}
     for i in range(calls):
-        t0 = time.perf_counter()
-        noop.apply_async((i,))
-        publish.append((time.perf_counter() - t0) * 1000)
-    reset(pg)
-    env = {**config.env(), "PYTHONPATH": f"{workdir}:{ROOT}"}
-    trip = []
-    with WorkerProcess("benchreg_app", pool="prefork", concurrency=2, cwd=workdir, env=env):
-        for i in range(20):  # pool processes connect
-            noop.apply_async((i,)).get(timeout=60)
-        for i in range(trips):
+        random.shuffle(order)
+        for label, noop in order:
             t0 = time.perf_counter()
-            noop.apply_async((i,)).get(timeout=60)
-            trip.append((time.perf_counter() - t0) * 1000)
-    app.close()  # type: ignore[attr-defined]
+            noop.apply_async((i,))
+            publish[label].append((time.perf_counter() - t0) * 1000)
+    # Round trips: one worker at a time (idle workers of the other configurations would take CPU
+    # from this one: their gossip reads every event), configurations alternating in short blocks.
+    trip: dict[str, list[float]] = {label: [] for label in noops}
+    rounds = 5
+    for _ in range(rounds):
+        random.shuffle(order)
+        for label, noop in order:
+            config = next(c for c in configs if c.label == label)
+            env = {**config.env(), "PYTHONPATH": f"{workdir}:{ROOT}"}
+            with WorkerProcess("benchreg_app", pool="prefork", concurrency=2, cwd=workdir, env=env):
+                for i in range(10):  # pool processes connect
+                    noop.apply_async((i,)).get(timeout=60)
+                for i in range(max(1, trips // rounds)):
+                    t0 = time.perf_counter()
+                    noop.apply_async((i,)).get(timeout=60)
+                    trip[label].append((time.perf_counter() - t0) * 1000)
+    for noop in noops.values():
+        noop.app.close()
     return publish, trip
+
+
+def paired_overhead(values: list[float], baseline: list[float]) -> float:
+    """Median of the differences between calls made side by side (same index: same round/block)."""
+    return statistics.median(v - b for v, b in zip(values, baseline, strict=True))
 
 
 def p(values: list[float], q: float) -> float:
@@ -255,16 +284,22 @@ def main() -> None:
                 f"{statistics.median(ratios[config.label]):.2f}x |"
             )
         broker, results = f"{REDIS}/{BROKER_DB}", f"{REDIS}/{RESULT_DB}"
+        plain = "plain Celery: redis:// broker, redis backend"
         lat = [
-            Config("plain Celery: redis:// broker, redis backend", broker, results, False, ""),
-            Config("celery-tq: redis:// broker, tq+redis:// registry", broker, f"tq+{results}", True, ""),
-            Config("celery-tq: redis:// broker, tq+postgresql:// registry", broker, f"tq+{pg}", True, ""),
+            Config(plain, broker, results, False, "", "lat.plain"),
+            Config(
+                "celery-tq: redis:// broker, tq+redis:// registry", broker, f"tq+{results}", True, "", "lat.r"
+            ),
+            Config(
+                "celery-tq: redis:// broker, tq+postgresql:// registry", broker, f"tq+{pg}", True, "", "lat.p"
+            ),
             Config(
                 "celery-tq: tq+redis:// broker, tq+redis:// registry",
                 f"tq+{broker}",
                 f"tq+{results}",
                 True,
                 "",
+                "lat.tr",
             ),
             Config(
                 "celery-tq: tq+redis:// broker, tq+postgresql:// registry",
@@ -272,16 +307,23 @@ def main() -> None:
                 f"tq+{pg}",
                 True,
                 "",
+                "lat.tp",
             ),
         ]
-        print(f"\nlatency: {args.calls} apply_async calls, {args.trips} round trips (ms)")
-        print("| configuration | apply_async p50 | p99 | apply_async().get() p50 | p99 |")
-        print("|---|---:|---:|---:|---:|")
+        print(
+            f"\nlatency: {args.calls} apply_async calls and {args.trips} apply_async().get() round trips"
+            " per configuration, all configurations interleaved call by call (ms; overhead: median of"
+            " the paired differences with plain Celery)"
+        )
+        publish, trip = latency(lat, args.calls, args.trips, workdir, pg)
+        print("| configuration | apply_async p50 | p99 | overhead | .get() round trip p50 | p99 | overhead |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for config in lat:
-            publish, trip = latency(config, args.calls, args.trips, workdir, pg)
+            pub, tr = publish[config.label], trip[config.label]
             print(
-                f"| {config.label} | {statistics.median(publish):.3f} | {p(publish, 0.99):.3f} | "
-                f"{statistics.median(trip):.2f} | {p(trip, 0.99):.2f} |",
+                f"| {config.label} | {statistics.median(pub):.3f} | {p(pub, 0.99):.3f} | "
+                f"{paired_overhead(pub, publish[plain]):+.3f} | {statistics.median(tr):.2f} | "
+                f"{p(tr, 0.99):.2f} | {paired_overhead(tr, trip[plain]):+.2f} |",
                 flush=True,
             )
     finally:

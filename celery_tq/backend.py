@@ -61,15 +61,29 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
     ) -> Any:
         """Celery's polling loop, woken by the store where it can (Redis pub/sub, PostgreSQL NOTIFY).
 
-        Without a wake-up the poll starts at 0.5 ms and doubles up to ``tq_result_poll_interval``
-        (default 20 ms), so a short task's result is seen within about its own run time.
+        The store starts listening before it reads the task's state, so a result that is not
+        ready yet costs two reads: one once listening, one when woken. Without a wake-up the poll
+        starts at 0.5 ms and doubles up to ``tq_result_poll_interval`` (default 20 ms), so a short
+        task's result is seen within about its own run time.
         """
         cap = min(interval, float(self._app.conf.get("tq_result_poll_interval") or 0.02))
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = self.store.wait_for_outcome
         delay = 0.0005
+        read: dict[str, dict[str, Any]] = {}
+
+        def ended(tid: str) -> bool:  # the store's read once it listens: kept if it is the outcome
+            read[tid] = meta = self._meta_before(tid, deadline)
+            return meta["status"] in ENDED
+
         while True:
-            meta = self._meta_before(task_id, deadline)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            woken = (remaining is None or remaining > 0) and wait(
+                task_id, 1.0 if remaining is None else min(remaining, 1.0), ended
+            )
+            meta = read.pop(task_id, None)
+            if meta is None or meta["status"] not in ENDED:  # not read since the outcome was written
+                meta = self._meta_before(task_id, deadline)
             if meta["status"] in states.READY_STATES:
                 if on_interval:
                     # ``get()`` checks the parents here: a failed parent's own error comes first,
@@ -80,11 +94,10 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             raise_if_rejected(task_id, meta)  # no worker could read it: it never gets READY
             if on_interval:
                 on_interval()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if deadline is not None and deadline - time.monotonic() <= 0:
                 raise CeleryTimeoutError("The operation timed out.")
-            if not wait(task_id, 1.0 if remaining is None else min(remaining, 1.0), self._is_ready):
-                time.sleep(delay if remaining is None else min(delay, remaining))
+            if not woken:
+                time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, cap)
 
     def _meta_before(self, task_id: str, deadline: float | None) -> dict[str, Any]:
@@ -106,9 +119,6 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
                     ) from exc
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
-
-    def _is_ready(self, task_id: str) -> bool:
-        return self.get_task_meta(task_id)["status"] in ENDED
 
     @property
     def store(self) -> Store:

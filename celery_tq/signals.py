@@ -25,6 +25,7 @@ from kombu.utils.json import dumps
 
 from celery_tq import error_codec
 from celery_tq.errors import InvalidInput
+from celery_tq.publish_batch import after_send, send_batched
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_headers, from_request, registry_url
 from celery_tq.registry.record import QUEUED, change
@@ -76,7 +77,10 @@ def _dispatch_uid(handler: str, uid: str) -> str:
 
 
 def _mark_publishes(app: Celery) -> None:
-    """``after_task_publish`` names no app: the app's sender marks its own publishes."""
+    """``after_task_publish`` names no app: the app's sender marks its own publishes.
+
+    The sender also sends a task and its ``task-sent`` event in one batch (:mod:`.publish_batch`).
+    """
     amqp: Any = app.amqp  # private hook, as in celery_tq.publish
     amqp.__dict__.pop("send_task_message", None)
     create = amqp._create_task_sender
@@ -84,10 +88,12 @@ def _mark_publishes(app: Celery) -> None:
     def _create_task_sender() -> Callable[..., Any]:
         send = create()
 
-        def send_task_message(*args: Any, **kwargs: Any) -> Any:
+        def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
+            retry = kwargs.get("retry")
             token = _publishing.set(app)
             try:
-                return send(*args, **kwargs)
+                resend = bool(app.conf.task_publish_retry if retry is None else retry)
+                return send_batched(send, producer, name, message, kwargs, resend)
             finally:
                 _publishing.reset(token)
 
@@ -143,7 +149,9 @@ class _Recorder:
             return
         retries = int(headers.get("retries") or 0)
         fields = from_headers(headers, routing_key)
-        enqueue(target[0], change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields))
+        row = change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields)
+        store = target[0]
+        after_send(lambda: enqueue(store, row))  # once the message has left (a batched publish)
 
     def on_started(self, sender: Any = None, task_id: str = "", task: Any = None, **kw: Any) -> None:
         app = getattr(task, "app", None)
