@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths, queue_waits
 from celery_tq.refused_messages import refused_count
+from celery_tq.settings import settings_for
 
 __all__ = ["TqCollector"]
 
@@ -30,7 +31,7 @@ class TqCollector(Collector):
     def __init__(self, app: Celery, registry: Any) -> None:
         self.app = app
         self.registry = registry
-        self.allowed_tags = frozenset(app.conf.get("tq_metric_tags") or ())
+        self.allowed_tags = settings_for(app).metric_tags
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("tq_up", "1 when the broker and the registry answered this scrape")

@@ -29,6 +29,8 @@ class CardExpired(Exception):
 def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     app = Celery("tqshop", set_as_current=False)
     tq = celery_tq.install(app, preset="development")
+    if os.environ.get("TQSHOP_STORE_RETRY"):
+        conf.setdefault("tq_store_retry_timeout", float(os.environ["TQSHOP_STORE_RETRY"]))
     app.conf.update(broker_url=broker_url, result_backend=result_backend, **conf)
 
     @tq.task(
@@ -188,9 +190,6 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         """Adds ``add(10, 10)`` to the chord this task is a header task of."""
         self.add_to_chord(add.si(10, 10))
         return 1
-
-    if os.environ.get("TQSHOP_STORE_RETRY"):
-        app.conf.tq_store_retry_timeout = float(os.environ["TQSHOP_STORE_RETRY"])
 
     return app
 
