@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,9 +58,22 @@ def test_os_error_becomes_io_error_with_path_and_context(redis_shop: Shop, tmp_p
     assert isinstance(caught.value.__cause__, FileNotFoundError)
 
 
-def test_retryable_error_retries_with_backoff_then_succeeds(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
-    assert redis_shop.app.tasks["tqshop.flaky"].delay().get(timeout=30) == 2
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_retryable_error_retries_with_backoff_then_succeeds(
+    kind: str, request: pytest.FixtureRequest, data_dir: str
+) -> None:
+    """tqshop.flaky: retry_backoff=1, retry_backoff_max=2, no jitter: 1 s, then 2 s."""
+    shop: Shop = request.getfixturevalue(f"{kind}_shop")
+    worker = shop.start_worker()
+    result = shop.app.tasks["tqshop.flaky"].delay()
+    assert result.get(timeout=30) == 2
+    assert re.findall(r"Retry in ([\d.]+)s", worker.log) == ["1.0", "2.0"]
+    attempts = [json.loads(line) for line in (Path(data_dir) / "attempts.jsonl").read_text().splitlines()]
+    assert [a["retries"] for a in attempts] == [0, 1, 2]
+    for before, retry, delay in zip(attempts, attempts[1:], (1.0, 2.0), strict=False):
+        eta = datetime.fromisoformat(retry["eta"]).timestamp()
+        assert eta >= before["started"] + delay  # sent with that countdown
+        assert retry["started"] >= eta  # and not run before it
 
 
 def test_connection_error_becomes_resource_unavailable_after_max_retries(redis_shop: Shop) -> None:
