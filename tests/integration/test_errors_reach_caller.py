@@ -48,11 +48,11 @@ def test_every_error_class_reaches_the_caller_with_fields_context_cause_and_trac
         assert exc.retryable is (cls_name == "ResourceUnavailable")
 
 
-def test_os_error_becomes_io_error_with_path_and_context(redis_shop: Shop, tmp_path: Any) -> None:
-    redis_shop.start_worker()
+def test_os_error_becomes_io_error_with_path_and_context(embedded_or_redis_shop: Shop, tmp_path: Any) -> None:
+    embedded_or_redis_shop.start_worker()
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(errors.IoError) as caught:
-        redis_shop.app.tasks["tqshop.read_file"].delay(missing).get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.read_file"].delay(missing).get(timeout=30)
     assert caught.value.path == missing
     assert caught.value.context == ["loading invoice 42"]
     assert isinstance(caught.value.__cause__, FileNotFoundError)
@@ -76,27 +76,31 @@ def test_retryable_error_retries_with_backoff_then_succeeds(
         assert retry["started"] >= eta  # and not run before it
 
 
-def test_connection_error_becomes_resource_unavailable_after_max_retries(redis_shop: Shop) -> None:
-    worker = redis_shop.start_worker()
+def test_connection_error_becomes_resource_unavailable_after_max_retries(
+    embedded_or_redis_shop: Shop,
+) -> None:
+    worker = embedded_or_redis_shop.start_worker()
     with pytest.raises(errors.ResourceUnavailable) as caught:
-        redis_shop.app.tasks["tqshop.always_unavailable"].delay().get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.always_unavailable"].delay().get(timeout=30)
     assert "connection refused" in caught.value.resource
     assert isinstance(caught.value.__cause__, ConnectionError)
     assert worker.log.count("Retry in") == 1  # max_retries=1
 
 
-def test_builtin_error_keeps_its_class(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
+def test_builtin_error_keeps_its_class(embedded_or_redis_shop: Shop) -> None:
+    embedded_or_redis_shop.start_worker()
     with pytest.raises(KeyError) as caught:
-        redis_shop.app.tasks["tqshop.builtin_error"].delay().get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.builtin_error"].delay().get(timeout=30)
     assert caught.value.args == ("missing-key",)
     assert "builtin_error" in caught.value.remote_traceback  # type: ignore[attr-defined]
 
 
-def test_error_class_the_caller_cannot_import_arrives_as_execution_failed(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
+def test_error_class_the_caller_cannot_import_arrives_as_execution_failed(
+    embedded_or_redis_shop: Shop,
+) -> None:
+    embedded_or_redis_shop.start_worker()
     with pytest.raises(errors.ExecutionFailed) as caught:
-        redis_shop.app.tasks["tqshop.private_error"].delay().get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.private_error"].delay().get(timeout=30)
     assert caught.value.task_name == "tqshop.private_error"
     assert "tqshop_private.PrivateError" in caught.value.error
     assert "secret sauce" in caught.value.error
