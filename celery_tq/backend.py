@@ -25,9 +25,9 @@ from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_request
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
-from celery_tq.registry.writer import RETRY_FOR, enqueue, flush_pending, write_with_retry
+from celery_tq.registry.writer import enqueue, flush_pending, write_with_retry
 from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["TqBackend"]
 
@@ -48,7 +48,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             )
         self.url = url
         store_for_url(url)  # a bad URL fails here, when the backend is created
-        self.retry_for = float(self._app.conf.get("tq_store_retry_timeout") or RETRY_FOR)
+        self.retry_for = settings_for(self._app).store_retry_timeout
         self._task_prefix = bytes_to_str(self.task_keyprefix)
 
     def wait_for(
@@ -66,7 +66,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         starts at 0.5 ms and doubles up to ``tq_result_poll_interval`` (default 20 ms), so a short
         task's result is seen within about its own run time.
         """
-        cap = min(interval, float(self._app.conf.get("tq_result_poll_interval") or 0.02))
+        cap = min(interval, settings_for(self._app).result_poll_interval)
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = self.store.wait_for_outcome
         delay = 0.0005
@@ -291,7 +291,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
 
     def cleanup(self) -> None:
         """Celery's ``celery.backend_cleanup``: purge records older than ``tq_result_expires``."""
-        self.store.purge(time.time() - TqSettings.from_app(self._app).result_expires)
+        self.store.purge(time.time() - settings_for(self._app).result_expires)
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         module = type(exc).__module__.split(".", 1)[0]

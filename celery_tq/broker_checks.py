@@ -11,7 +11,7 @@ from celery import Celery
 
 from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["amqp_findings", "reachability_findings", "redis_persistence_findings"]
 
@@ -89,7 +89,7 @@ def amqp_findings(app: Celery) -> list[Finding]:
     """RabbitMQ: tq queues that exist with other arguments (the 406 trap), quorum + priority."""
     if broker_kind(app.conf.broker_url) != "amqp":
         return []
-    settings = TqSettings.from_app(app)
+    settings = settings_for(app)
     queues = [q for q in app.amqp.queues.values() if q.name in settings.queues()]
     findings: list[Finding] = []
     if len(settings.queues()) > 1:

@@ -9,7 +9,7 @@ from celery import Celery
 from celery_tq.broker_checks import amqp_findings, reachability_findings, redis_persistence_findings
 from celery_tq.findings import Finding
 from celery_tq.routing import broker_kind
-from celery_tq.settings import DEFAULTS
+from celery_tq.settings import settings_for
 from celery_tq.task import TqTask
 
 __all__ = ["Finding", "run"]
@@ -23,7 +23,7 @@ def run(app: Celery, reach: bool = False) -> list[Finding]:
     conf = app.conf
     findings: list[Finding] = reachability_findings(app) + redis_persistence_findings(app) if reach else []
     findings += _serializers(conf)
-    findings += _priority(conf)
+    findings += _priority(app)
     findings += _timeouts(app)
     findings += _registry(app)
     findings += amqp_findings(app)
@@ -54,7 +54,8 @@ def _serializers(conf: Any) -> list[Finding]:
     return []
 
 
-def _priority(conf: Any) -> list[Finding]:
+def _priority(app: Celery) -> list[Finding]:
+    conf = app.conf
     findings: list[Finding] = []
     kind = broker_kind(conf.broker_url)
     if kind in _NO_PRIORITY or kind.startswith("sqla"):
@@ -93,8 +94,8 @@ def _priority(conf: Any) -> list[Finding]:
                 "set worker_prefetch_multiplier = 1 and task_acks_late = True",
             )
         )
-    extra = conf.get("tq_prefetch_extra", DEFAULTS["tq_prefetch_extra"])
-    if isinstance(extra, int) and extra > 1:
+    extra = settings_for(app).prefetch_extra
+    if extra > 1:
         findings.append(
             Finding(
                 "warning",

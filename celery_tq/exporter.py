@@ -1,12 +1,14 @@
 """Prometheus metrics (``celery -A mod tq exporter --port N``), collected fresh at each scrape.
 
 Label cardinality stays bounded: task names and priorities come from the app, and tags only
-from the ``tq_metric_tags`` allowlist.
+from the ``tq_metric_tags`` allowlist. The task metrics describe the records the registry
+holds now, which it forgets again: ``tq_tasks`` and ``tq_recent_task_failures_by_tag`` are gauges.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths, queue_waits
 from celery_tq.refused_messages import refused_count
+from celery_tq.settings import settings_for
 
 __all__ = ["TqCollector"]
 
@@ -30,7 +33,7 @@ class TqCollector(Collector):
     def __init__(self, app: Celery, registry: Any) -> None:
         self.app = app
         self.registry = registry
-        self.allowed_tags = frozenset(app.conf.get("tq_metric_tags") or ())
+        self.allowed_tags = settings_for(app).metric_tags
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("tq_up", "1 when the broker and the registry answered this scrape")
@@ -55,13 +58,9 @@ class TqCollector(Collector):
 
         records = self.registry.query(limit=RECENT_LIMIT)
         by_state_name: dict[tuple[str, str], int] = {}
-        failures: dict[str, int] = {}
         for r in records:
             key = (r.state, r.name or "")
             by_state_name[key] = by_state_name.get(key, 0) + 1
-            if r.state == "FAILURE":
-                for tag in set(r.tags) & self.allowed_tags:
-                    failures[tag] = failures.get(tag, 0) + 1
         tasks = GaugeMetricFamily(
             "tq_tasks", f"Recent tasks (last {RECENT_LIMIT}) by state and name", labels=["state", "name"]
         )
@@ -84,11 +83,20 @@ class TqCollector(Collector):
         refused.add_metric([], refused_count(self.registry.store))
         yield refused
 
-        tagged = CounterMetricFamily(
-            "tq_task_failures_by_tag",
-            f"Failed tasks in the last {WINDOW:.0f} s per allowlisted tag (tq_metric_tags)",
+        yield self._recent_failures_by_tag()
+
+    def _recent_failures_by_tag(self) -> GaugeMetricFamily:
+        """A gauge, not a counter: failures leave the window (and expire from the registry), so
+        the number goes down; counted by the store (no record cap), one count per allowed tag."""
+        tagged = GaugeMetricFamily(
+            "tq_recent_task_failures_by_tag",
+            f"Tasks submitted in the last {WINDOW:.0f} s that ended in FAILURE, "
+            "per tag allowed by tq_metric_tags",
             labels=["tag"],
         )
-        for tag, n in sorted(failures.items()):
-            tagged.add_metric([tag], n)
-        yield tagged
+        since = time.time() - WINDOW
+        for tag in sorted(self.allowed_tags):
+            tagged.add_metric(
+                [tag], self.registry.counts(state="FAILURE", tags={tag}, since=since).get("FAILURE", 0)
+            )
+        return tagged

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 
 from celery_tq.routing import broker_kind, to_broker_priority
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["QueueDepth", "Snapshot", "queue_depths", "queue_waits", "snapshot"]
 
@@ -53,7 +53,7 @@ class Snapshot:
 
 def queue_depths(app: Celery) -> list[QueueDepth]:
     """Messages waiting in each tq queue, per priority where the broker can tell."""
-    settings = TqSettings.from_app(app)
+    settings = settings_for(app)
     kind = broker_kind(app.conf.broker_url)
     names = settings.queues()
     if kind == "redis":

@@ -17,7 +17,7 @@ from celery_tq.errors import InvalidInput
 from celery_tq.message_limits import check_message
 from celery_tq.metadata import MAX_PRIORITY, TaskMetadata
 from celery_tq.routing import to_broker_priority
-from celery_tq.settings import TqSettings, refuse_pickle
+from celery_tq.settings import TqSettings, refuse_pickle, settings_for
 
 __all__ = ["wire_publisher"]
 
@@ -77,6 +77,6 @@ def wire_publisher(app: Celery) -> None:
 
     def _create_task_sender() -> Sender:
         refuse_pickle(app.conf)
-        return _with_metadata(app, TqSettings.from_app(app), create())
+        return _with_metadata(app, settings_for(app), create())
 
     amqp._create_task_sender = _create_task_sender

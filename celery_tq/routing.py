@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
 from celery_tq.metadata import MAX_PRIORITY, Priority, validate_priority
-from celery_tq.settings import TqSettings
+from celery_tq.settings import TqSettings, settings_for
 
 __all__ = ["PriorityRouter", "broker_kind", "queues_for", "to_broker_priority"]
 
@@ -49,9 +48,9 @@ class PriorityRouter:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    @cached_property
+    @property
     def settings(self) -> TqSettings:
-        return TqSettings.from_app(self.app)
+        return settings_for(self.app)  # read once, at install
 
     def __call__(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,14 @@ from celery import Celery
 from celery_tq.errors import ConfigurationError
 from celery_tq.metadata import MAX_PRIORITY, MIN_PRIORITY, validate_priority
 
-__all__ = ["DEFAULT_QUEUE", "TqSettings", "refuse_pickle", "settings_allowing_pickle"]
+__all__ = [
+    "DEFAULT_QUEUE",
+    "TqSettings",
+    "read_settings",
+    "refuse_pickle",
+    "settings_allowing_pickle",
+    "settings_for",
+]
 
 logger = logging.getLogger("celery_tq")
 
@@ -38,7 +45,24 @@ DEFAULTS: dict[str, Any] = {
     "tq_worker_lost_retries": 3,
     "tq_worker_lost_delay": 1.0,
     "tq_worker_lost_delay_max": 10.0,
+    "tq_store_retry_timeout": 60.0,
+    "tq_result_poll_interval": 0.02,
+    "tq_metric_tags": (),
 }
+
+_SECONDS = (
+    "timeout_grace",
+    "retry_backoff",
+    "retry_backoff_max",
+    "result_expires",
+    "event_flush_interval",
+    "amqp_socket_timeout",
+    "redis_socket_timeout",
+    "worker_lost_delay",
+    "worker_lost_delay_max",
+    "store_retry_timeout",
+)
+_SETTINGS_ATTR = "_tq_settings"  # the app keeps its settings, like its system
 
 
 @dataclass(frozen=True)
@@ -64,9 +88,16 @@ class TqSettings:
     worker_lost_retries: int
     worker_lost_delay: float
     worker_lost_delay_max: float
+    store_retry_timeout: float
+    result_poll_interval: float
+    metric_tags: frozenset[str]
 
     @classmethod
     def from_app(cls, app: Celery) -> TqSettings:
+        """Read and validate every ``tq_*`` key: ``ConfigurationError`` names a bad one.
+
+        Code that runs per task or per call uses :func:`settings_for` (read once) instead.
+        """
         conf = app.conf
         values = {key[3:]: conf.get(key, default) for key, default in DEFAULTS.items()}
         values["default_queue"] = str(
@@ -74,21 +105,26 @@ class TqSettings:
         )
         bands = values["priority_bands"]
         values["priority_bands"] = _validate_bands(bands) if bands else None
-        if float(values["timeout_grace"]) < 0:
-            raise ConfigurationError("tq_timeout_grace must be >= 0 seconds")
-        if float(values["event_flush_interval"]) < 0 or int(values["event_batch"]) < 1:
-            raise ConfigurationError("tq_event_flush_interval must be >= 0 s and tq_event_batch >= 1")
-        extra = values["prefetch_extra"]
-        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-            raise ConfigurationError(f"tq_prefetch_extra must be an int >= 0, not {extra!r}")
-        cap = values["max_message_bytes"]
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            raise ConfigurationError(f"tq_max_message_bytes must be an int >= 0 (0: no limit), not {cap!r}")
-        retries = values["worker_lost_retries"]
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"tq_worker_lost_retries must be an int >= 0, not {retries!r}")
-        if not 0 <= float(values["worker_lost_delay"]) <= float(values["worker_lost_delay_max"]):
-            raise ConfigurationError("tq_worker_lost_delay must be >= 0 s and <= tq_worker_lost_delay_max")
+        for name in _SECONDS:
+            values[name] = _seconds(name, values[name])
+        values["result_poll_interval"] = _seconds("result_poll_interval", values["result_poll_interval"], 0.0)
+        values["event_batch"] = _count("event_batch", values["event_batch"], minimum=1)
+        values["max_priority"] = _count("max_priority", values["max_priority"], minimum=MAX_PRIORITY)
+        values["prefetch_extra"] = _count("prefetch_extra", values["prefetch_extra"])
+        values["max_message_bytes"] = _count(
+            "max_message_bytes", values["max_message_bytes"], "(0: no limit)"
+        )
+        values["worker_lost_retries"] = _count("worker_lost_retries", values["worker_lost_retries"])
+        if values["worker_lost_delay"] > values["worker_lost_delay_max"]:
+            raise ConfigurationError("tq_worker_lost_delay must be <= tq_worker_lost_delay_max")
+        for name in ("pause_unwatched_events", "allow_pickle"):
+            if not isinstance(values[name], bool):
+                raise ConfigurationError(f"tq_{name} must be True or False, not {values[name]!r}")
+        url = values["registry_url"]
+        if url is not None and not isinstance(url, str):
+            raise ConfigurationError(f"tq_registry_url must be a URL string, not {url!r}")
+        values["registry_url"] = url or None
+        values["metric_tags"] = _tags(values["metric_tags"])
         return cls(**values)
 
     def worker_lost_countdown(self, attempt: int) -> float:
@@ -107,6 +143,26 @@ class TqSettings:
                 if low <= priority <= high:
                     return queue
         return self.default_queue
+
+
+def settings_for(app: Celery) -> TqSettings:
+    """``app``'s settings, read and validated once.
+
+    ``install`` reads them when it configures the app (again after a late
+    ``config_from_object``); an app used without ``install`` (a ``tq+`` result backend alone)
+    has them read here, on first use. Changing a ``tq_*`` key later has no effect.
+    """
+    settings: TqSettings | None = app.__dict__.get(_SETTINGS_ATTR)
+    if settings is None:
+        app.conf.get("tq_timeout_grace")  # a pending configuration is built now: install reads it
+        settings = app.__dict__.get(_SETTINGS_ATTR)
+    return settings if settings is not None else read_settings(app)
+
+
+def read_settings(app: Celery) -> TqSettings:
+    """Read (again) and keep ``app``'s settings: what :func:`settings_for` returns from now on."""
+    settings = app.__dict__[_SETTINGS_ATTR] = TqSettings.from_app(app)
+    return settings
 
 
 PICKLE_NAMES = frozenset({"pickle", "application/x-python-serialize"})
@@ -159,3 +215,37 @@ def _validate_bands(bands: object) -> dict[str, tuple[int, int]]:
     if missing:
         logger.warning("tq_priority_bands leaves priorities %s to tq_default_queue", missing)
     return result
+
+
+def _seconds(name: str, value: object, exclusive_min: float | None = None) -> float:
+    """A duration in seconds: a number >= 0 (> ``exclusive_min`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"tq_{name} must be a number of seconds, not {value!r}")
+    if exclusive_min is not None and not value > exclusive_min:
+        raise ConfigurationError(f"tq_{name} must be > {exclusive_min:g} seconds, not {value!r}")
+    if value < 0:
+        raise ConfigurationError(f"tq_{name} must be >= 0 seconds, not {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object, note: str = "", minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(
+            f"tq_{name} must be an int >= {minimum}{' ' + note if note else ''}, not {value!r}"
+        )
+    return value
+
+
+def _tags(value: object) -> frozenset[str]:
+    """``tq_metric_tags``: a collection of tag names (a lone string is a mistake, not its letters)."""
+    if value is None:
+        return frozenset()
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            f'tq_metric_tags must be a list or set of tag names, e.g. ["billing"], not {value!r}'
+        )
+    tags = list(value)
+    bad = [t for t in tags if not isinstance(t, str) or not t]
+    if bad:
+        raise ConfigurationError(f"tq_metric_tags must hold non-empty strings, not {bad[0]!r}")
+    return frozenset(tags)

@@ -30,7 +30,7 @@ from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_headers, from_request, registry_url
 from celery_tq.registry.record import QUEUED, change
 from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["connect"]
 
@@ -290,7 +290,7 @@ class _Recorder:
         if app is None:
             return
         try:
-            expires = TqSettings.from_app(app).result_expires
+            expires = settings_for(app).result_expires
             store_for_url(registry_url(app)).purge(time.time() - expires)
         except Exception as exc:  # never takes the worker down
             logging.getLogger("celery_tq.registry").error("celery-tq: registry purge failed: %s", exc)

@@ -20,7 +20,7 @@ from celery_tq.registry import Registry, store_for_url
 from celery_tq.registry.capture import registry_url
 from celery_tq.result_errors import wire_backend
 from celery_tq.routing import PriorityRouter, broker_kind, queues_for
-from celery_tq.settings import TqSettings, refuse_pickle
+from celery_tq.settings import TqSettings, read_settings, refuse_pickle, settings_for
 from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
 from celery_tq.watched_events import WatchedEvents
@@ -46,7 +46,7 @@ class TaskQueueSystem:
 
     @property
     def settings(self) -> TqSettings:
-        return TqSettings.from_app(self.app)
+        return settings_for(self.app)
 
     @overload
     def task(self, fun: F) -> Any: ...
@@ -204,7 +204,7 @@ def _configure(app: Celery, preset_settings: dict[str, Any]) -> None:
     that make priorities mean one thing everywhere."""
     conf = app.conf
     _apply_preset(conf, preset_settings)
-    settings = TqSettings.from_app(app)
+    settings = read_settings(app)
     # Celery logs (and swallows) an error raised in on_after_configure: the refusal runs again
     # where it can stop things: when a worker starts (worker_guard) and when a task is first sent.
     refuse_pickle(app.conf)

@@ -12,7 +12,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from celery_tq import error_codec, timeouts
 from celery_tq.errors import TaskTimeout
 from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT, TaskMetadata
-from celery_tq.settings import TqSettings
+from celery_tq.settings import TqSettings, settings_for
 
 __all__ = ["TqTask", "call_options"]
 
@@ -144,7 +144,7 @@ class TqTask(Task):  # type: ignore[type-arg]
             error = error_codec.convert(exc, self.name, limit)
             assert isinstance(error, Exception)
             if getattr(error, "retryable", False) and self._may_retry():
-                raise self.retry(exc=error, countdown=self._backoff(TqSettings.from_app(self.app))) from None
+                raise self.retry(exc=error, countdown=self._backoff(settings_for(self.app))) from None
             if error is exc:
                 raise
             raise error from exc
@@ -161,9 +161,7 @@ class TqTask(Task):  # type: ignore[type-arg]
             return None
         if not soft:
             return float(hard), 0.0
-        grace = (
-            float(hard) - float(soft) if hard and hard > soft else TqSettings.from_app(self.app).timeout_grace
-        )
+        grace = float(hard) - float(soft) if hard and hard > soft else settings_for(self.app).timeout_grace
         return float(soft), grace
 
     def _celery_time_limit(self, request: Any) -> float | None:
@@ -190,7 +188,7 @@ class TqTask(Task):  # type: ignore[type-arg]
         grace: float | None = None,
     ) -> Any:
         if grace is None:
-            grace = TqSettings.from_app(self.app).timeout_grace
+            grace = settings_for(self.app).timeout_grace
 
         def fail_hard_timeout() -> None:  # runs on a timer thread: no request stack there
             error = TaskTimeout(self.name, timeout)

@@ -31,7 +31,7 @@ from typing import Any
 from celery import bootsteps
 from kombu import Producer
 
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["WatchedEvents"]
 
@@ -127,7 +127,7 @@ class WatchedEvents(bootsteps.StartStopStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        self.on = bool(TqSettings.from_app(c.app).pause_unwatched_events)
+        self.on = bool(settings_for(c.app).pause_unwatched_events)
         self.probe: _Probe | None = None
 
     def start(self, c: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["BatchedEvents", "unconfirm"]
 
@@ -48,7 +48,7 @@ class BatchedEvents(bootsteps.StartStopStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        settings = TqSettings.from_app(c.app)
+        settings = settings_for(c.app)
         self.interval = float(settings.event_flush_interval)
         self.batch = int(settings.event_batch)
         self._scheduled = False

@@ -21,7 +21,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["ReserveExtra"]
 
@@ -34,7 +34,7 @@ class ReserveExtra(bootsteps.StartStopStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        self.extra = TqSettings.from_app(c.app).prefetch_extra
+        self.extra = settings_for(c.app).prefetch_extra
 
     def start(self, c: Any) -> None:
         qos = getattr(c, "qos", None)

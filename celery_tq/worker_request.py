@@ -37,7 +37,7 @@ from celery.worker.state import task_ready
 from celery_tq.errors import WorkerLost
 from celery_tq.publish import HEADER_LOST
 from celery_tq.result_errors import ENDED
-from celery_tq.settings import TqSettings
+from celery_tq.settings import settings_for
 
 __all__ = ["HEADER_LOST", "TqRequest", "WatchPoolProcesses", "lost_count"]
 
@@ -63,7 +63,7 @@ class TqRequest(Request):
         if not isinstance(exc, WorkerLostError) or self._succeeded():
             return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         task: Any = self.task
-        settings = TqSettings.from_app(task.app)
+        settings = settings_for(task.app)
         limit = getattr(task, "tq_worker_lost_retries", None)
         limit = settings.worker_lost_retries if limit is None else int(limit)
         attempt = lost_count(self._run_context)

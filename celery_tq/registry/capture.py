@@ -7,17 +7,17 @@ from typing import Any
 from celery import Celery
 
 from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS
+from celery_tq.settings import settings_for
 
 __all__ = ["from_headers", "from_request", "registry_url"]
 
 
 def registry_url(app: Celery) -> str:
     """Where ``app`` keeps records: ``tq_registry_url``, else a ``tq+`` result backend, else memory."""
-    conf = app.conf
-    url = conf.get("tq_registry_url")
+    url = settings_for(app).registry_url
     if url:
-        return str(url)
-    backend = conf.result_backend
+        return url
+    backend = app.conf.result_backend
     if isinstance(backend, str) and backend.startswith("tq+"):
         return backend
     return "memory://"

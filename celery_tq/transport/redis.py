@@ -548,6 +548,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         client = redis.Redis(connection_pool=pool)
         next_recover = monotonic()
         warned = False
+        missed = 0  # beats missed since the last one that got through
         try:
             while True:
                 try:
@@ -557,6 +558,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                     warned = hung
                     with self._tq_lock:
                         self._tq_beat(client, alive=not hung and not self._tq_fenced)
+                    if missed:
+                        logger.warning(
+                            "heartbeat of consumer %s reached Redis %s again after %.1f s (%d missed)",
+                            self._tq_cid,
+                            self._tq_server(),
+                            monotonic() - self._tq_beat_ok_at,
+                            missed,
+                        )
+                        missed = 0
                     self._tq_beat_ok_at = monotonic()
                     _frozen_links.pop(self._tq_link, None)
                     if monotonic() >= next_recover:
@@ -565,8 +575,22 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                         if moved:
                             logger.warning("recovered %d message(s) of dead consumers", moved)
                 except Exception as exc:  # the loop must outlive broker outages
-                    logger.debug("heartbeat failed: %r", exc)
-                    self._tq_watch_link(monotonic() - self._tq_beat_ok_at)
+                    missed += 1
+                    silence = monotonic() - self._tq_beat_ok_at
+                    # The first miss of an outage is a WARNING (later ones would repeat it every
+                    # heartbeat_interval); _tq_watch_link warns again when the link looks frozen
+                    # and when the heartbeat has expired.
+                    logger.log(
+                        logging.WARNING if missed == 1 else logging.DEBUG,
+                        "heartbeat of consumer %s missed: Redis %s did not take it (%r); if none gets "
+                        "through for heartbeat_ttl=%ss, another worker may recover this worker's "
+                        "unacked messages and run them again",
+                        self._tq_cid,
+                        self._tq_server(),
+                        exc,
+                        self.heartbeat_ttl,
+                    )
+                    self._tq_watch_link(silence)
                 if stop.wait(self.heartbeat_interval):
                     return
         finally:

@@ -57,6 +57,13 @@ def shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     yield from _shop(request.param, request, Path(data_dir))
 
 
+@pytest.fixture(params=["embedded", "redis"])
+def embedded_or_redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    """Broker-independent behaviour (errors reaching the caller, bad input, timeouts): checked on
+    the embedded broker and on Redis."""
+    yield from _shop(request.param, request, Path(data_dir))
+
+
 @pytest.fixture
 def redis_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     yield from _shop("redis", request, Path(data_dir))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,11 +11,21 @@ import redis
 from kombu import Connection
 
 from celery_tq import errors
+from celery_tq.transport.sqlite import db_path
 
 from .conftest import Shop, _shop
 
 
 def _queued(shop: Shop) -> int:
+    """Task messages waiting in tq.default (any priority)."""
+    if shop.kind == "embedded":
+        path = db_path(shop.broker_url.removeprefix("tq+"))
+        if not path.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return int(
+                db.execute("SELECT count(*) FROM tq_message WHERE queue LIKE 'tq.default%'").fetchone()[0]
+            )
     client = redis.Redis.from_url(shop.broker_url)
     try:
         return sum(int(client.llen(key)) for key in client.keys("tq.default*"))  # type: ignore[union-attr]
@@ -21,11 +33,11 @@ def _queued(shop: Shop) -> int:
         client.close()
 
 
-def test_non_json_argument_is_refused_at_submit_and_nothing_is_sent(redis_shop: Shop) -> None:
-    add = redis_shop.app.tasks["tqshop.add"]
+def test_non_json_argument_is_refused_at_submit_and_nothing_is_sent(embedded_or_redis_shop: Shop) -> None:
+    add = embedded_or_redis_shop.app.tasks["tqshop.add"]
     with pytest.raises(errors.InvalidInput, match="cannot be serialized"):
         add.delay(object(), 1)
-    assert _queued(redis_shop) == 0
+    assert _queued(embedded_or_redis_shop) == 0
 
 
 @pytest.mark.parametrize(
@@ -33,25 +45,25 @@ def test_non_json_argument_is_refused_at_submit_and_nothing_is_sent(redis_shop: 
     [{"priority": 10}, {"priority": -1}, {"timeout": 0}, {"tags": {""}}, {"tags": {"x" * 65}}],
 )
 def test_bad_metadata_is_refused_at_call_time_and_nothing_is_sent(
-    redis_shop: Shop, options: dict[str, object]
+    embedded_or_redis_shop: Shop, options: dict[str, object]
 ) -> None:
     with pytest.raises(errors.MetadataError):
-        redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
+        embedded_or_redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
     with pytest.raises(ValueError):  # MetadataError is also a ValueError
-        redis_shop.app.send_task("tqshop.add", (1, 2), **options)
-    assert _queued(redis_shop) == 0
+        embedded_or_redis_shop.app.send_task("tqshop.add", (1, 2), **options)
+    assert _queued(embedded_or_redis_shop) == 0
 
 
-def test_unknown_task_name_is_a_failure_the_caller_sees(redis_shop: Shop) -> None:
-    worker = redis_shop.start_worker()
+def test_unknown_task_name_is_a_failure_the_caller_sees(embedded_or_redis_shop: Shop) -> None:
+    worker = embedded_or_redis_shop.start_worker()
     with pytest.raises(Exception, match=r"tqshop\.does_not_exist"):
-        redis_shop.app.send_task("tqshop.does_not_exist", (1,)).get(timeout=30)
+        embedded_or_redis_shop.app.send_task("tqshop.does_not_exist", (1,)).get(timeout=30)
     assert worker.process is not None and worker.process.poll() is None
 
 
-def test_garbage_messages_do_not_kill_the_worker(redis_shop: Shop) -> None:
-    worker = redis_shop.start_worker()
-    with Connection(redis_shop.broker_url) as conn:
+def test_garbage_messages_do_not_kill_the_worker(embedded_or_redis_shop: Shop) -> None:
+    worker = embedded_or_redis_shop.start_worker()
+    with Connection(embedded_or_redis_shop.broker_url) as conn:
         producer = conn.Producer()
         producer.publish(b"\x00\xffnot json", routing_key="tq.default", content_type="application/json")
         producer.publish({"no": "headers"}, routing_key="tq.default", serializer="json")
@@ -61,7 +73,7 @@ def test_garbage_messages_do_not_kill_the_worker(redis_shop: Shop) -> None:
             content_type="application/json",
             headers={"task": "tqshop.add", "id": "bad-arity"},
         )
-    assert redis_shop.app.tasks["tqshop.add"].delay(2, 3).get(timeout=30) == 5
+    assert embedded_or_redis_shop.app.tasks["tqshop.add"].delay(2, 3).get(timeout=30) == 5
     assert worker.process is not None and worker.process.poll() is None
 
 
@@ -89,11 +101,11 @@ def test_a_150_mb_argument_is_refused_at_publish_on_every_broker(
 
 @pytest.mark.parametrize("options", [{"task_id": "i" * 200}, {"queue": "q" * 300}])
 def test_an_id_or_queue_the_registry_cannot_hold_is_refused_at_publish(
-    redis_shop: Shop, options: dict[str, object]
+    embedded_or_redis_shop: Shop, options: dict[str, object]
 ) -> None:
     with pytest.raises(errors.InvalidInput, match="nothing was sent"):
-        redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
-    assert _queued(redis_shop) == 0
+        embedded_or_redis_shop.app.tasks["tqshop.add"].apply_async((1, 2), **options)
+    assert _queued(embedded_or_redis_shop) == 0
 
 
 def test_malformed_body_with_a_task_id_ends_rejected_for_the_caller_and_the_registry(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,42 +48,59 @@ def test_every_error_class_reaches_the_caller_with_fields_context_cause_and_trac
         assert exc.retryable is (cls_name == "ResourceUnavailable")
 
 
-def test_os_error_becomes_io_error_with_path_and_context(redis_shop: Shop, tmp_path: Any) -> None:
-    redis_shop.start_worker()
+def test_os_error_becomes_io_error_with_path_and_context(embedded_or_redis_shop: Shop, tmp_path: Any) -> None:
+    embedded_or_redis_shop.start_worker()
     missing = str(tmp_path / "nope.txt")
     with pytest.raises(errors.IoError) as caught:
-        redis_shop.app.tasks["tqshop.read_file"].delay(missing).get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.read_file"].delay(missing).get(timeout=30)
     assert caught.value.path == missing
     assert caught.value.context == ["loading invoice 42"]
     assert isinstance(caught.value.__cause__, FileNotFoundError)
 
 
-def test_retryable_error_retries_with_backoff_then_succeeds(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
-    assert redis_shop.app.tasks["tqshop.flaky"].delay().get(timeout=30) == 2
+@pytest.mark.parametrize("kind", ["embedded", "redis"])
+def test_retryable_error_retries_with_backoff_then_succeeds(
+    kind: str, request: pytest.FixtureRequest, data_dir: str
+) -> None:
+    """tqshop.flaky: retry_backoff=1, retry_backoff_max=2, no jitter: 1 s, then 2 s."""
+    shop: Shop = request.getfixturevalue(f"{kind}_shop")
+    worker = shop.start_worker()
+    result = shop.app.tasks["tqshop.flaky"].delay()
+    assert result.get(timeout=30) == 2
+    assert re.findall(r"Retry in ([\d.]+)s", worker.log) == ["1.0", "2.0"]
+    attempts = [json.loads(line) for line in (Path(data_dir) / "attempts.jsonl").read_text().splitlines()]
+    assert [a["retries"] for a in attempts] == [0, 1, 2]
+    for before, retry, delay in zip(attempts, attempts[1:], (1.0, 2.0), strict=False):
+        eta = datetime.fromisoformat(retry["eta"]).timestamp()
+        assert eta >= before["started"] + delay  # sent with that countdown
+        assert retry["started"] >= eta - 0.05  # and not run before it (timer rounding aside)
 
 
-def test_connection_error_becomes_resource_unavailable_after_max_retries(redis_shop: Shop) -> None:
-    worker = redis_shop.start_worker()
+def test_connection_error_becomes_resource_unavailable_after_max_retries(
+    embedded_or_redis_shop: Shop,
+) -> None:
+    worker = embedded_or_redis_shop.start_worker()
     with pytest.raises(errors.ResourceUnavailable) as caught:
-        redis_shop.app.tasks["tqshop.always_unavailable"].delay().get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.always_unavailable"].delay().get(timeout=30)
     assert "connection refused" in caught.value.resource
     assert isinstance(caught.value.__cause__, ConnectionError)
     assert worker.log.count("Retry in") == 1  # max_retries=1
 
 
-def test_builtin_error_keeps_its_class(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
+def test_builtin_error_keeps_its_class(embedded_or_redis_shop: Shop) -> None:
+    embedded_or_redis_shop.start_worker()
     with pytest.raises(KeyError) as caught:
-        redis_shop.app.tasks["tqshop.builtin_error"].delay().get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.builtin_error"].delay().get(timeout=30)
     assert caught.value.args == ("missing-key",)
     assert "builtin_error" in caught.value.remote_traceback  # type: ignore[attr-defined]
 
 
-def test_error_class_the_caller_cannot_import_arrives_as_execution_failed(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
+def test_error_class_the_caller_cannot_import_arrives_as_execution_failed(
+    embedded_or_redis_shop: Shop,
+) -> None:
+    embedded_or_redis_shop.start_worker()
     with pytest.raises(errors.ExecutionFailed) as caught:
-        redis_shop.app.tasks["tqshop.private_error"].delay().get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.private_error"].delay().get(timeout=30)
     assert caught.value.task_name == "tqshop.private_error"
     assert "tqshop_private.PrivateError" in caught.value.error
     assert "secret sauce" in caught.value.error

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from celery import Celery, chain, group
 
 import celery_tq
@@ -56,9 +59,16 @@ def test_send_task_by_a_name_the_client_never_registered_gets_normal_priority(sh
     assert result["broker_priority"] == _expected_broker_priority(shop.kind, 5)
 
 
-def test_retry_keeps_the_abstract_priority(redis_shop: Shop) -> None:
-    redis_shop.start_worker()
-    assert redis_shop.app.tasks["tqshop.flaky"].apply_async(priority=8).get(timeout=30) == 2
+def test_retry_keeps_the_abstract_priority(shop: Shop, data_dir: str) -> None:
+    """Each retry is a new message: it carries priority 8 again (on Redis: broker priority 1)."""
+    shop.start_worker()
+    result = shop.app.tasks["tqshop.flaky"].apply_async(priority=8)
+    assert result.get(timeout=30) == 2
+    attempts = [json.loads(line) for line in (Path(data_dir) / "attempts.jsonl").read_text().splitlines()]
+    assert [a["retries"] for a in attempts if a["id"] == result.id] == [0, 1, 2]
+    assert {(a["priority"], a["broker_priority"]) for a in attempts} == {
+        (8, _expected_broker_priority(shop.kind, 8))
+    }
 
 
 def test_plain_celery_task_of_the_same_app_still_runs(shop: Shop) -> None:

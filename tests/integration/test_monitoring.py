@@ -14,6 +14,8 @@ import pytest
 
 import celery_tq
 from celery_tq import Priority
+from celery_tq.registry import store_for_url
+from celery_tq.registry.record import change
 from tests.conftest import REDIS_RESULT_DB
 from tests.ports import free_port
 
@@ -108,17 +110,19 @@ def test_status_on_an_empty_registry_or_a_wrong_broker_is_one_line_and_exit_1(
     assert len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
 
 
-def _metrics(port: int) -> dict[str, float]:
+def _scrape(port: int) -> str:
     deadline = time.monotonic() + 30
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-                text: str = response.read().decode()
-            break
+                return str(response.read().decode())
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _parse(text: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("tq_"):
@@ -128,7 +132,12 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 def _exporter_metrics(env: dict[str, str]) -> dict[str, float]:
-    """Start ``celery tq exporter`` with ``env``, scrape it once, stop it."""
+    """Start ``celery tq exporter`` with ``env``, scrape it once, stop it: the samples."""
+    return _parse(_exporter_text(env))
+
+
+def _exporter_text(env: dict[str, str]) -> str:
+    """Start ``celery tq exporter`` with ``env``, scrape it once, stop it: the whole page."""
     port = free_port()
     exporter = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "tqshop", "tq", "exporter", "--port", str(port)],
@@ -137,11 +146,11 @@ def _exporter_metrics(env: dict[str, str]) -> dict[str, float]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        metrics = _metrics(port)
+        text = _scrape(port)
     finally:
         exporter.terminate()
         exporter.wait(10)
-    return metrics
+    return text
 
 
 def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: str) -> None:
@@ -150,13 +159,28 @@ def test_exporter_metrics_agree_with_the_registry(redis_shop: Shop, data_dir: st
     redis_shop.app.tasks["tqshop.add"].apply_async((1, 1), priority=9).get(timeout=30)
     with pytest.raises(celery_tq.errors.InvalidInput):
         redis_shop.app.tasks["tqshop.slow_fail"].apply_async((0.01,), tags={"vip"}).get(timeout=30)
+    old = time.time() - 2 * 3600  # a vip failure from before the window: not counted
+    store_for_url(REDIS_REGISTRY["tq_registry_url"]).write(
+        [
+            change(
+                "old-failure", "FAILURE", 0, submitted_at=old, finished_at=old, name="tqshop.x", tags=["vip"]
+            )
+        ]
+    )
     conf = json.dumps({"tq_metric_tags": ["vip"], **REDIS_REGISTRY})
-    metrics = _exporter_metrics(_env(redis_shop, data_dir, TQSHOP_CONF=conf))
+    text = _exporter_text(_env(redis_shop, data_dir, TQSHOP_CONF=conf))
+    metrics = _parse(text)
     assert metrics["tq_up"] == 1
     assert metrics["tq_refused_messages_total"] == 0
     assert metrics['tq_tasks{name="tqshop.add",state="SUCCESS"}'] == 1
     assert metrics['tq_tasks{name="tqshop.slow_fail",state="FAILURE"}'] == 1
-    assert metrics['tq_task_failures_by_tag_total{tag="vip"}'] == 1
+    assert metrics['tq_recent_task_failures_by_tag{tag="vip"}'] == 1
+    assert "# TYPE tq_recent_task_failures_by_tag gauge" in text  # it goes down: not a counter
+    assert (
+        "# HELP tq_recent_task_failures_by_tag Tasks submitted in the last 3600 s that ended in FAILURE"
+        in text
+    )
+    assert "failures_by_tag_total" not in text
     assert not any('tag="billing"' in key for key in metrics)  # not in the allowlist
     assert metrics['tq_queue_depth{priority="9",queue="tq.default"}'] == 0
     assert metrics['tq_queue_wait_seconds_count{priority="9"}'] == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from celery_tq import Priority
 
-from .conftest import Shop
+from .conftest import Shop, tqshop
 from .test_monitoring import _env, _exporter_metrics, _tq
 
 BANDS = {"tq.high": [7, 9], "tq.default": [3, 6], "tq.low": [0, 2]}
@@ -18,9 +18,17 @@ def test_status_and_exporter_count_every_queue_after_a_missing_one_on_rabbitmq(
 ) -> None:
     shop = rabbitmq_shop
     registry = f"sqlite:///{Path(data_dir) / 'registry.db'}"  # beside Celery's own db results
-    shop.app.conf.update(tq_priority_bands={k: tuple(v) for k, v in BANDS.items()}, tq_registry_url=registry)
-    for _ in range(4):  # only tq.low is declared: tq.high and tq.default answer 404 first
-        shop.app.tasks["tqshop.add"].apply_async((1, 2), priority=Priority.LOW)
+    # An app of its own: tq_* settings are read once, when an app's configuration is built
+    # (the fixture's app has built its own already).
+    bands = {k: tuple(v) for k, v in BANDS.items()}
+    app = tqshop.make_app(
+        shop.broker_url, shop.result_backend, tq_priority_bands=bands, tq_registry_url=registry
+    )
+    try:
+        for _ in range(4):  # only tq.low is declared: tq.high and tq.default answer 404 first
+            app.tasks["tqshop.add"].apply_async((1, 2), priority=Priority.LOW)
+    finally:
+        app.close()
     conf = json.dumps({"tq_priority_bands": BANDS, "tq_registry_url": registry})
     env = _env(shop, str(Path(data_dir)), TQSHOP_CONF=conf)
 

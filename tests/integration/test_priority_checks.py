@@ -84,3 +84,9 @@ def test_bands_on_rabbitmq_say_one_worker_per_band(rabbitmq_vhost: str, data_dir
     app.conf.update(broker_url=rabbitmq_vhost, tq_priority_bands={"tq.high": (7, 9), "tq.default": (0, 6)})
     assert _codes(app)["amqp-bands-interleave"] == "info"
     app.close()
+
+
+def test_production_preset_on_rabbitmq_has_no_findings(rabbitmq_vhost: str, data_dir: str) -> None:
+    """Moved from tests/unit: the checks of an AMQP broker ask the broker."""
+    app = Celery("prod", broker=rabbitmq_vhost, set_as_current=False)
+    assert celery_tq.install(app, preset="production").check() == []

@@ -63,14 +63,17 @@ def test_critical_task_overtakes_a_low_backlog_within_concurrency_plus_one(shop:
     assert ran.index("critical") <= 1 + 1  # at most concurrency + 1 LOW tasks started before it
 
 
-def _received_while_busy(shop: Shop, data_dir: str, env: dict[str, str] | None = None) -> int:
-    """Tasks a -c 1 worker has received while it runs the first of a backlog of slow ones."""
+def _received_while_busy(shop: Shop, data_dir: str, expected: int, env: dict[str, str] | None = None) -> int:
+    """Tasks a -c 1 worker has received while it runs the first of a backlog of slow ones: once
+    ``expected`` arrived, a control round trip gives any further one time to show."""
     record = shop.app.tasks["tqshop.record"]
     for i in range(4):
         record.apply_async((f"slow{i}", 3.0), priority=Priority.LOW)
     worker = shop.start_worker(concurrency=1, env=env or {})
     _wait_for_lines(data_dir, 1)
-    time.sleep(0.5)  # the delivery after the first one has arrived; the first runs 3 s
+    deadline = time.monotonic() + 20  # the deliveries it should hold have arrived; the first runs 3 s
+    while worker.log.count("] received") < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
     # Its own connection, closed here: a pooled one left mid-BRPOP on Redis would hang the
     # after-fork cleanup of processes this test run forks later.
     with shop.app.connection_for_write() as conn:
@@ -88,12 +91,13 @@ def test_a_busy_worker_holds_one_task_beyond_its_concurrency(shop: Shop, data_di
     Not on the embedded broker, whose worker has no event loop: Celery would block the worker's
     main thread on a reserved task while the pool is busy (no control replies, no inspect).
     """
-    assert _received_while_busy(shop, data_dir) == (1 if shop.kind == "embedded" else 1 + 1)
+    expected = 1 if shop.kind == "embedded" else 1 + 1
+    assert _received_while_busy(shop, data_dir, expected) == expected
 
 
 def test_prefetch_extra_zero_holds_only_what_runs(rabbitmq_shop: Shop, data_dir: str) -> None:
     env = {"TQSHOP_CONF": json.dumps({"tq_prefetch_extra": 0})}
-    assert _received_while_busy(rabbitmq_shop, data_dir, env) == 1
+    assert _received_while_busy(rabbitmq_shop, data_dir, 1, env) == 1
 
 
 def test_send_task_by_unregistered_name_runs_after_high_and_before_low(shop: Shop, data_dir: str) -> None:

@@ -142,9 +142,12 @@ def test_eta_task_not_run_twice_while_its_worker_lives(
     run.worker(concurrency=1)
     run.worker(concurrency=1)  # a second consumer that would get a redelivered copy
     send(shared_db, 1, countdown=30)
-    records = run.wait_done(1, timeout=60)
-    time.sleep(4)  # > heartbeat_ttl + recover_interval: room for a wrong redelivery to run
-    assert run.records() == [(0, False)], records
+    run.wait_done(1, timeout=60)
+    # A later task, due after heartbeat_ttl + recover_interval: once it ran, a wrong redelivered
+    # copy of the first (due at the same ETA) would have run too.
+    send(shared_db, 1, first=1, countdown=4)
+    records = run.wait_done(2, timeout=60)
+    assert records == [(0, False), (1, False)], records
 
 
 def test_events_inspect_ping_with_the_production_preset(

@@ -62,22 +62,35 @@ def registry_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Reg
 
 
 def watch(registry: Registry, task_id: str, timeout: float = 30.0) -> list[str]:
-    """Every state the record shows until it is terminal, in the order seen."""
-    seen: list[str] = []
+    """Every state the record shows until it is terminal, in the order seen; each one is at
+    least as far along as the one before (a retry's attempt counts: RETRY then STARTED of
+    attempt 1 is forward)."""
+    seen: list[tuple[str, int]] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = registry.get(task_id)
-        if record is not None and (not seen or seen[-1] != record.state):
-            seen.append(record.state)
-        if seen and seen[-1] in {"SUCCESS", "FAILURE", "REVOKED", "REJECTED"}:
-            return seen
+        if record is not None and (not seen or seen[-1] != (record.state, record.retries)):
+            seen.append((record.state, record.retries))
+        if seen and seen[-1][0] in {"SUCCESS", "FAILURE", "REVOKED", "REJECTED"}:
+            assert_forward(seen)
+            return [state for state, _ in seen]
         time.sleep(0.01)
     raise AssertionError(f"{task_id} never finished; seen {seen}")
 
 
-def assert_forward(registry: Registry, states: list[str]) -> None:
-    ranks = [progress_of(s, 0) % 10 for s in states if s != "RETRY"]
-    assert ranks == sorted(ranks) or "RETRY" in states, states
+def wait_scheduled(app: Celery, task_id: str, timeout: float = 30.0) -> None:
+    """Until a worker says it holds ``task_id`` for its ETA (``celery inspect scheduled``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = app.control.inspect(timeout=0.5).scheduled() or {}
+        if any(entry["request"]["id"] == task_id for entries in replies.values() for entry in entries):
+            return
+    raise AssertionError(f"no worker holds {task_id}")
+
+
+def assert_forward(seen: list[tuple[str, int]]) -> None:
+    progress = [progress_of(state, retries) for state, retries in seen]
+    assert progress == sorted(progress), seen
 
 
 def test_every_task_is_recorded_from_queued_to_its_end(registry_shop: RegistryShop) -> None:
@@ -115,7 +128,7 @@ def test_every_task_is_recorded_from_queued_to_its_end(registry_shop: RegistrySh
     assert record is not None and (record.retries, record.result, record.error) == (1, 1, None)
 
     revoked = sleep.apply_async((5,), countdown=3)
-    time.sleep(0.5)
+    wait_scheduled(app, revoked.id)  # the worker holds it until its ETA
     revoked.revoke()
     assert watch(registry, revoked.id) == ["QUEUED", "REVOKED"]
     record = registry.get(revoked.id)

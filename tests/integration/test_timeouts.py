@@ -12,11 +12,11 @@ from .conftest import Shop
 
 
 @pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
-def test_task_past_its_timeout_fails_with_task_timeout(redis_shop: Shop, pool: str) -> None:
-    redis_shop.start_worker(pool=pool)
+def test_task_past_its_timeout_fails_with_task_timeout(embedded_or_redis_shop: Shop, pool: str) -> None:
+    embedded_or_redis_shop.start_worker(pool=pool)
     started = time.monotonic()
     with pytest.raises(errors.TaskTimeout) as caught:
-        redis_shop.app.tasks["tqshop.sleep"].apply_async((20,), timeout=1).get(timeout=30)
+        embedded_or_redis_shop.app.tasks["tqshop.sleep"].apply_async((20,), timeout=1).get(timeout=30)
     assert caught.value.task_name == "tqshop.sleep"
     assert caught.value.duration == 1
     assert time.monotonic() - started < 15  # stopped long before the task's own 20 s
@@ -30,9 +30,11 @@ def test_task_swallowing_the_soft_limit_is_failed_at_the_hard_limit(redis_shop: 
     assert caught.value.duration == 1
 
 
-def test_task_within_its_timeout_succeeds(redis_shop: Shop) -> None:
-    redis_shop.start_worker(pool="threads")
-    assert redis_shop.app.tasks["tqshop.sleep"].apply_async((0.2,), timeout=5).get(timeout=30) == 0.2
+def test_task_within_its_timeout_succeeds(embedded_or_redis_shop: Shop) -> None:
+    embedded_or_redis_shop.start_worker(pool="threads")
+    assert (
+        embedded_or_redis_shop.app.tasks["tqshop.sleep"].apply_async((0.2,), timeout=5).get(timeout=30) == 0.2
+    )
 
 
 def test_in_process_worker_enforces_timeouts(data_dir: str) -> None:

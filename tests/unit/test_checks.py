@@ -49,10 +49,6 @@ def test_development_preset_has_no_findings_at_all() -> None:
     assert check("development") == []
 
 
-def test_production_preset_on_rabbitmq_has_no_findings() -> None:
-    assert check("production", broker=AMQP_URL) == []
-
-
 def test_production_preset_on_redis_has_no_errors() -> None:
     assert codes(check("production", broker=REDIS_URL), "error") == set()
 

@@ -368,6 +368,62 @@ def test_priority_bands_that_are_not_a_mapping_are_a_configuration_error() -> No
 
 
 @pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tq_store_retry_timeout", -1, "tq_store_retry_timeout must be >= 0 seconds"),
+        ("tq_store_retry_timeout", "60", "tq_store_retry_timeout must be a number of seconds"),
+        ("tq_result_poll_interval", 0, "tq_result_poll_interval must be > 0 seconds"),
+        ("tq_result_poll_interval", None, "tq_result_poll_interval must be a number of seconds"),
+        ("tq_metric_tags", "billing", "tq_metric_tags must be a list or set of tag names"),
+        ("tq_metric_tags", ["billing", 7], "tq_metric_tags must hold non-empty strings, not 7"),
+        ("tq_metric_tags", 3, "tq_metric_tags must be a list or set"),
+        ("tq_timeout_grace", "5", "tq_timeout_grace must be a number of seconds"),
+        ("tq_retry_backoff_max", True, "tq_retry_backoff_max must be a number of seconds"),
+        ("tq_event_batch", 0, "tq_event_batch must be an int >= 1"),
+        ("tq_max_priority", 5, "tq_max_priority must be an int >= 9"),
+        ("tq_pause_unwatched_events", "no", "tq_pause_unwatched_events must be True or False"),
+        ("tq_registry_url", 5432, "tq_registry_url must be a URL string"),
+        ("tq_worker_lost_delay", 20, "tq_worker_lost_delay must be <= tq_worker_lost_delay_max"),
+    ],
+)
+def test_a_bad_setting_is_a_configuration_error_naming_it(key: str, value: Any, message: str) -> None:
+    app = Celery("t")
+    app.conf.update({key: value})
+    with pytest.raises(ConfigurationError, match=message):
+        TqSettings.from_app(app)
+
+
+def test_a_bad_setting_fails_install_of_a_configured_app() -> None:
+    app = Celery("t", set_as_current=False)
+    app.conf.update(tq_result_poll_interval=-0.5)
+    app.conf.get("broker_url")  # the configuration is built: install reads it at once
+    with pytest.raises(ConfigurationError, match="tq_result_poll_interval"):
+        celery_tq.install(app, preset="testing")
+
+
+def test_store_poll_and_metric_settings_are_fields_with_defaults() -> None:
+    settings = TqSettings.from_app(Celery("t"))
+    assert (settings.store_retry_timeout, settings.result_poll_interval) == (60.0, 0.02)
+    assert settings.metric_tags == frozenset()
+    app = Celery("t")
+    app.conf.update(tq_store_retry_timeout=5, tq_result_poll_interval=0.1, tq_metric_tags=("vip", "billing"))
+    settings = TqSettings.from_app(app)
+    assert (settings.store_retry_timeout, settings.result_poll_interval) == (5.0, 0.1)
+    assert settings.metric_tags == {"vip", "billing"}
+
+
+def test_an_installed_app_reads_its_settings_once() -> None:
+    app = Celery("t", set_as_current=False)
+    tq = celery_tq.install(app, preset="testing")
+    app.conf.update(tq_timeout_grace=3.0, result_backend="tq+memory://")
+    assert tq.settings.timeout_grace == 3.0
+    assert tq.settings is tq.settings
+    app.conf.tq_timeout_grace = 9.0  # after the configuration was built: not read again
+    assert tq.settings.timeout_grace == 3.0
+    assert app.backend.retry_for == tq.settings.store_retry_timeout
+
+
+@pytest.mark.parametrize(
     ("priority", "queue"),
     [
         (9, "tq.high"),

@@ -38,8 +38,7 @@ def test_a_change_is_written_once_the_linger_has_passed() -> None:
 def test_flush_writes_at_once_whatever_the_linger() -> None:
     store = _store()
     writer = QueuedWriter(store, linger=60)
-    writer.put(change("a", QUEUED, name="t"))
-    time.sleep(0.05)  # the thread now lingers
+    writer.put(change("a", QUEUED, name="t"))  # the thread would wait up to 60 s for more
     assert writer.flush(timeout=5)
     assert _state(store, "a") == QUEUED
 

@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -208,6 +208,19 @@ def test_no_double_delivery_with_two_consuming_processes(url: str, procs: list[A
     assert a and b  # both really competed
 
 
+def count(url: str) -> int:
+    return int(rows(url, "SELECT count(*) FROM tq_message")[0][0])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _sleeper(url: str, ready: Any) -> None:
     with Connection(url, transport_options=FAST) as conn:
         queue = Queue("celeryev.dead", Exchange("ev", "fanout"), auto_delete=True)
@@ -230,9 +243,8 @@ def test_growth_bounded_after_consumer_sigkill(url: str, procs: list[Any]) -> No
             producer.publish(i)
             time.sleep(0.01)
         assert rows(url, "SELECT count(*) FROM tq_message")[0][0] <= 30
-        time.sleep(0.25)
-        producer.publish("after")
-        assert rows(url, "SELECT count(*) FROM tq_message")[0][0] == 0
+        # the next sweep removes the dead queue's binding: a broadcast then stores nothing
+        assert wait_until(lambda: (producer.publish("after"), count(url))[1] == 0)
     assert rows(url, "SELECT * FROM tq_binding WHERE queue='celeryev.dead'") == []
     assert rows(url, "SELECT * FROM tq_queue WHERE name='celeryev.dead'") == []
 
@@ -274,7 +286,7 @@ def test_unacked_message_restored_after_consumer_sigkill(url: str, procs: list[A
         assert rows(url, "SELECT count(*) FROM tq_message WHERE owner IS NOT NULL") == [(1,)]
         os.kill(p.pid, signal.SIGKILL)
         p.join(5)
-        time.sleep(0.25)  # one sweep interval
+        time.sleep(0.25)  # the transport sweeps (on this channel's next read) once per sweep_interval
         got = drain(conn, queue, redelivered=True)
     # The restored message keeps its place (priority, then id) and is flagged.
     assert got == [(0, True), (2, False), (1, False)]

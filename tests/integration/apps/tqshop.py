@@ -29,6 +29,8 @@ class CardExpired(Exception):
 def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     app = Celery("tqshop", set_as_current=False)
     tq = celery_tq.install(app, preset="development")
+    if os.environ.get("TQSHOP_STORE_RETRY"):
+        conf.setdefault("tq_store_retry_timeout", float(os.environ["TQSHOP_STORE_RETRY"]))
     app.conf.update(broker_url=broker_url, result_backend=result_backend, **conf)
 
     @tq.task(
@@ -59,9 +61,27 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
                 raise cls(*args) from exc
 
     @tq.task(
-        name="tqshop.flaky", shared=False, bind=True, max_retries=2, retry_backoff=1, retry_backoff_max=1
+        name="tqshop.flaky",
+        shared=False,
+        bind=True,
+        max_retries=2,
+        retry_backoff=1,
+        retry_backoff_max=2,
+        retry_jitter=False,  # backoff 1 s, then 2 s: the worker logs "Retry in 1s", "Retry in 2s"
     )
     def flaky(self: Any) -> int:
+        """Fails twice with a retryable error; each attempt appends what its message carried to
+        $TQ_DATA_DIR/attempts.jsonl."""
+        attempt = {
+            "id": self.request.id,
+            "retries": self.request.retries,
+            "priority": self.metadata.priority,
+            "broker_priority": (self.request.delivery_info or {}).get("priority"),
+            "eta": self.request.eta,
+            "started": time.time(),
+        }
+        with open(os.path.join(os.environ["TQ_DATA_DIR"], "attempts.jsonl"), "a") as f:
+            f.write(json.dumps(attempt) + "\n")
         if self.request.retries < 2:
             raise errors.ResourceUnavailable("payments-db")
         return self.request.retries
@@ -188,9 +208,6 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         """Adds ``add(10, 10)`` to the chord this task is a header task of."""
         self.add_to_chord(add.si(10, 10))
         return 1
-
-    if os.environ.get("TQSHOP_STORE_RETRY"):
-        app.conf.tq_store_retry_timeout = float(os.environ["TQSHOP_STORE_RETRY"])
 
     return app
 

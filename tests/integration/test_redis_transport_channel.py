@@ -1,9 +1,11 @@
-"""The tq+redis:// transport against a real Redis (db 15 of the shared server, flushed around
-each test; a private redis-server for the Cluster refusal), driven through kombu directly."""
+"""The tq+redis:// transport against a real Redis (this suite's unit db of the shared server,
+flushed around each test; a private redis-server for the Cluster refusal and for Redis going
+away), driven through kombu directly."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -244,3 +246,43 @@ def test_a_silent_heartbeat_severs_the_link_then_fences_the_channel(db: str) -> 
             assert channel._tq_held == {} and not channel.qos._delivered
         finally:
             tq_redis._frozen_links.clear()
+
+
+def test_a_missed_heartbeat_is_a_warning_saying_what_may_follow(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis goes away under a consumer: the first missed beat is a WARNING (another worker may
+    recover this worker's messages), later misses are not repeated, and the return is said."""
+    if shutil.which("redis-server") is None:
+        service_missing("redis-server", "not installed")
+    register_transports()
+    server = PrivateRedis(tmp_path)
+    server.start()
+
+    def messages(text: str, level: int = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage() and r.levelno >= level]
+
+    def wait_for(text: str, count: int = 1, level: int = logging.WARNING) -> list[str]:
+        deadline = time.monotonic() + 20
+        while len(messages(text, level)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return messages(text, level)
+
+    url = f"tq+redis://127.0.0.1:{server.port}/0"
+    try:
+        with (
+            caplog.at_level(logging.DEBUG, logger="celery_tq.transport.redis"),
+            Connection(url, transport_options=opts(heartbeat_ttl=30, heartbeat_interval=0.2)) as conn,
+        ):
+            publish(conn, "hb", ["a"])
+            assert [b for b, _ in consume(conn, ["hb"], 1)] == ["a"]  # the heartbeat thread runs
+            server.kill()
+            assert len(wait_for("missed: Redis", count=3, level=logging.DEBUG)) >= 3
+            [missed] = messages("missed: Redis")  # three beats missed, one warning
+            assert f"Redis 127.0.0.1:{server.port} did not take it" in missed
+            assert "another worker may recover this worker's unacked messages" in missed
+            server.start()
+            [back] = wait_for("again after")
+            assert f"reached Redis 127.0.0.1:{server.port} again" in back
+    finally:
+        server.stop()
