@@ -10,13 +10,14 @@ states of tasks whose results are ignored. Handlers are connected with
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from celery import Celery, signals
@@ -31,7 +32,7 @@ from celery_tq.registry.record import QUEUED, change
 from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
 from celery_tq.settings import TqSettings
 
-__all__ = ["connect"]
+__all__ = ["connect", "publishing"]
 
 _publishing: contextvars.ContextVar[Celery | None] = contextvars.ContextVar("tq_publishing", default=None)
 _pool_child = False  # set in prefork pool processes (``worker_process_init``)
@@ -60,7 +61,6 @@ def connect(app: Celery) -> None:
     """Connect the registry's handlers for ``app`` (``weak=False``, one ``dispatch_uid`` each)."""
     uid = app.__dict__.setdefault("_tq_registry_uid", uuid.uuid4().hex)
     recorder = _Recorder(weakref.ref(app), uid)
-    _mark_publishes(app)
     for name, signal in _RUN_SIGNALS.items():
         signal.connect(getattr(recorder, name), weak=False, dispatch_uid=_dispatch_uid(name, uid))
     for signal, handler in (
@@ -75,25 +75,15 @@ def _dispatch_uid(handler: str, uid: str) -> str:
     return f"tq-registry-{handler}-{uid}"
 
 
-def _mark_publishes(app: Celery) -> None:
-    """``after_task_publish`` names no app: the app's sender marks its own publishes."""
-    amqp: Any = app.amqp  # private hook, as in celery_tq.publish
-    amqp.__dict__.pop("send_task_message", None)
-    create = amqp._create_task_sender
-
-    def _create_task_sender() -> Callable[..., Any]:
-        send = create()
-
-        def send_task_message(*args: Any, **kwargs: Any) -> Any:
-            token = _publishing.set(app)
-            try:
-                return send(*args, **kwargs)
-            finally:
-                _publishing.reset(token)
-
-        return send_task_message
-
-    amqp._create_task_sender = _create_task_sender
+@contextlib.contextmanager
+def publishing(app: Celery) -> Iterator[None]:
+    """``after_task_publish`` names no app: the app's sender (:mod:`celery_tq.publish`) sends
+    inside this block, so the handler knows whose publish it sees."""
+    token = _publishing.set(app)
+    try:
+        yield
+    finally:
+        _publishing.reset(token)
 
 
 class _Recorder:
