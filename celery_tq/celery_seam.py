@@ -67,7 +67,7 @@ MEMBERS: dict[str, tuple[str, ...]] = {
     "amqp.channel:Channel": ("_basic_publish", "_confirm_selected"),
     "kombu.utils.url": ("_parse_url",),
     "kombu.transport": ("TRANSPORT_ALIASES",),
-    "redis.connection:ConnectionPool": ("_get_in_use_connections", "_get_free_connections"),
+    "redis.connection:ConnectionPool": ("_in_use_connections", "_available_connections"),
     "redis.connection:Connection": ("_sock",),
 }
 
@@ -317,19 +317,24 @@ def kombu_parse_url(url: str) -> Any:
 
 
 def pool_connections(pool: Any) -> list[Any]:
-    """The connections of a redis-py pool, in use and free (none if it cannot tell).
+    """The connections of a redis-py ``ConnectionPool`` (kombu's and Sentinel's), in use and free;
+    none if it cannot tell.
 
-    Relies on ``ConnectionPool._get_in_use_connections()`` and ``_get_free_connections()``
-    (also on ``BlockingConnectionPool`` and Sentinel's pool). Checked on redis-py 6.4.0 and 8.1.0.
+    Relies on ``ConnectionPool._in_use_connections`` (a set) and ``_available_connections`` (a
+    list), copied under the pool's lock by ``_get_in_use_connections()``/``_get_free_connections()``
+    where redis-py has them (8.1 does; 6.4 has only the attributes, read here without the lock).
+    Checked on redis-py 6.4.0 and 8.1.0.
     """
     connections: list[Any] = []
-    for name in ("_get_in_use_connections", "_get_free_connections"):
-        method = getattr(pool, name, None)
-        if method is not None:
-            try:
-                connections += list(method())
-            except Exception:  # a pool closed meanwhile: it has no sockets to give
-                continue
+    for method, attribute in (
+        ("_get_in_use_connections", "_in_use_connections"),
+        ("_get_free_connections", "_available_connections"),
+    ):
+        try:
+            read = getattr(pool, method, None)
+            connections += list(read() if read is not None else getattr(pool, attribute, ()))
+        except Exception:  # a pool closed or changed meanwhile: no sockets to give
+            continue
     return connections
 
 
