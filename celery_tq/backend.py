@@ -20,6 +20,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.json import dumps, loads
 from kombu.utils.url import maybe_sanitize_url
 
+from celery_tq import celery_seam
 from celery_tq.chords import ChordsMixin
 from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
@@ -177,8 +178,9 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             raise ValueError(f"invalid task state {state!r}: 1 to {STATE_MAX} printable characters")
         now = time.time()
         retries, fields = from_request(request)
-        base: Any = super()  # celery-types leaves these helpers out
-        meta = base._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta = celery_seam.base_result_meta(
+            super(), result=result, state=state, traceback=traceback, request=request
+        )
         meta["task_id"] = task_id
         _bound_call(meta)
         if state == states.SUCCESS:

@@ -16,13 +16,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from celery import states
-from celery.backends import base as celery_base
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, allow_join_result
-from celery.utils import functional
 from kombu.utils.encoding import bytes_to_str
 
+from celery_tq import celery_seam
 from celery_tq.registry import Store
 
 __all__ = ["ChordsMixin"]
@@ -30,9 +29,6 @@ __all__ = ["ChordsMixin"]
 logger = logging.getLogger("celery_tq.chords")
 
 _DONE = b"done"
-# Private members of celery 5.7.0, used as its RedisBackend uses them (celery-types omits them).
-_REGEN: Any = getattr(functional, "_regen")  # noqa: B009
-_CHORD_ERROR_WITH_CAUSE: Any = getattr(celery_base, "_create_chord_error_with_cause")  # noqa: B009
 
 
 class ChordsMixin:
@@ -66,7 +62,7 @@ class ChordsMixin:
 
     def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
         # A header holding groups keeps its shape: save it so the join returns nested lists.
-        if isinstance(header_result_args[1], _REGEN):  # a generator header: kept lazy, as on Redis
+        if celery_seam.is_lazy_header(header_result_args[1]):  # a generator header: kept lazy, as on Redis
             return
         header_result = self.app.GroupResult(*header_result_args)
         if any(isinstance(result, GroupResult) for result in header_result.results):
@@ -111,7 +107,7 @@ class ChordsMixin:
             store.kv_delete(self._chord_key(group_id, ".s"))
             return self.chord_error_from_stack(callback, ChordError(f"Join error: {exc!r}"))
         try:
-            self.app.amqp._retry_publish(callback.delay, results)
+            celery_seam.publish_callback(self.app, callback.delay, results)
         except Exception as exc:
             logger.exception("Chord callback for %r raised: %r", group_id, exc)
             return self.chord_error_from_stack(callback, ChordError(f"Callback error: {exc!r}"))
@@ -139,7 +135,7 @@ class ChordsMixin:
             value = self.exception_to_python(value)
         if state in states.PROPAGATE_STATES:
             reason = f"Dependency {task_id} raised {value!r}"
-            raise _CHORD_ERROR_WITH_CAUSE(message=reason, original_exc=value)
+            raise celery_seam.chord_error_with_cause(reason, value)
         return value
 
     def _chord_key(self, group_id: str, suffix: str) -> str:

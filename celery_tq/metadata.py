@@ -11,11 +11,23 @@ from typing import Any
 
 from celery_tq.errors import MetadataError
 
-__all__ = ["HEADER_PRIORITY", "HEADER_TAGS", "HEADER_TIMEOUT", "Priority", "TaskMetadata"]
+__all__ = [
+    "CALL_METADATA",
+    "HEADER_PRIORITY",
+    "HEADER_TAGS",
+    "HEADER_TIMEOUT",
+    "Priority",
+    "TaskMetadata",
+    "carried",
+    "stamp",
+]
 
 HEADER_PRIORITY = "tq_priority"
 HEADER_TAGS = "tq_tags"
 HEADER_TIMEOUT = "tq_timeout"
+HEADERS = (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT)
+#: The call option in which ``TqTask.apply_async`` hands the metadata it computed to the publisher.
+CALL_METADATA = "tq_call_metadata"
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
@@ -119,10 +131,11 @@ class TaskMetadata:
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any], default: TaskMetadata) -> TaskMetadata:
         """Read the metadata a message carries; missing keys fall back to ``default``."""
+        values = carried(headers)
         return default.merged(
-            priority=headers.get(HEADER_PRIORITY),
-            timeout=headers.get(HEADER_TIMEOUT),
-            tags=headers.get(HEADER_TAGS),
+            priority=values.get(HEADER_PRIORITY),
+            timeout=values.get(HEADER_TIMEOUT),
+            tags=values.get(HEADER_TAGS),
         )
 
     def describe(self) -> str:
@@ -133,3 +146,26 @@ class TaskMetadata:
         if self.timeout is not None:
             parts.append(f"timeout={self.timeout:g}")
         return " ".join(parts)
+
+
+def stamp(headers: dict[str, Any], metadata: TaskMetadata) -> None:
+    """Write ``metadata`` into a message's ``headers``: the one writer of the ``tq_*`` headers
+    (called by the publish hook, :mod:`celery_tq.publish`, and for an eager run by ``TqTask.apply``)."""
+    headers.update(metadata.to_headers())
+
+
+def carried(source: Any) -> dict[str, Any]:
+    """The ``tq_*`` values a message carries, as :func:`stamp` wrote them (only those present).
+
+    ``source`` is a message's headers or a run's request: a worker's request holds the headers as
+    attributes, an eager run's in ``headers``; attributes win. The one reader of the headers.
+    """
+    if isinstance(source, Mapping):
+        return {key: source[key] for key in HEADERS if source.get(key) is not None}
+    headers = getattr(source, "headers", None) or {}
+    values = {key: headers[key] for key in HEADERS if headers.get(key) is not None}
+    for key in HEADERS:
+        value = getattr(source, key, None)
+        if value is not None:
+            values[key] = value
+    return values

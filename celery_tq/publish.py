@@ -1,8 +1,12 @@
 """The one place a message gets its metadata: headers, broker priority, time limits, kwargsrepr.
 
 Every path that sends a task (``apply_async``, ``delay``, signatures and canvas, ``send_task`` by
-name, retries) ends in ``app.amqp.send_task_message``; the app's AMQP object is given a sender
-that adds the metadata there, so all of them mean the same thing on every broker.
+name, retries) ends in ``app.amqp.send_task_message``; the app's sender is wrapped once
+(:func:`celery_tq.celery_seam.wrap_task_sender`) by the hook here, which computes the message's
+metadata once, stamps it into the headers (:func:`celery_tq.metadata.stamp`), marks the publish
+as this app's for the registry's ``after_task_publish`` handler and sends the task with its
+``task-sent`` event in one batch (:mod:`celery_tq.publish_batch`), so all of them mean the same
+thing on every broker.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import EncodeError
 
+from celery_tq import celery_seam
 from celery_tq.errors import InvalidInput
 from celery_tq.message_limits import check_message
-from celery_tq.metadata import MAX_PRIORITY, TaskMetadata
+from celery_tq.metadata import CALL_METADATA, MAX_PRIORITY, TaskMetadata, stamp
+from celery_tq.publish_batch import send_batched
 from celery_tq.routing import to_broker_priority
 from celery_tq.settings import TqSettings, refuse_pickle, settings_for
+from celery_tq.signals import publishing
 
 __all__ = ["wire_publisher"]
 
@@ -43,10 +50,12 @@ def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
             options.get("serializer") or app.conf.task_serializer,
             settings.max_message_bytes,
         )
-        metadata = _defaults_for(app, name).merged_with_call(options)
+        metadata = options.pop(CALL_METADATA, None)  # computed by TqTask.apply_async
+        if not isinstance(metadata, TaskMetadata):  # send_task by name, a plain task, a retry
+            metadata = _defaults_for(app, name).merged_with_call(options)
         if "publish_timeout" in options:
             options["timeout"] = options.pop("publish_timeout")
-        headers.update(metadata.to_headers())
+        stamp(headers, metadata)
         if metadata.timeout is not None and not any(headers.get("timelimit") or ()):
             headers["timelimit"] = [metadata.timeout + settings.timeout_grace, metadata.timeout]
         kwargsrepr = str(headers.get("kwargsrepr") or "{}")
@@ -61,8 +70,11 @@ def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
         lost = bool((options.get("headers") or {}).get(HEADER_LOST) or headers.get(HEADER_LOST))
         broker_level = min(metadata.priority + 1, MAX_PRIORITY) if lost else metadata.priority
         options["priority"] = to_broker_priority(driver, broker_level)
+        retry = options.get("retry")
+        resend = bool(app.conf.task_publish_retry if retry is None else retry)
         try:
-            return send(producer, name, message, **options)
+            with publishing(app):  # the task and its task-sent event: one round trip on Redis
+                return send_batched(send, producer, name, message, options, resend)
         except EncodeError as exc:
             raise InvalidInput(f"arguments of {name} cannot be serialized ({exc}); nothing was sent") from exc
 
@@ -70,13 +82,10 @@ def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
 
 
 def wire_publisher(app: Celery) -> None:
-    """Give ``app.amqp`` a task sender that adds tq metadata to every message."""
-    amqp: Any = app.amqp  # private hook: celery-types does not describe it
-    amqp.__dict__.pop("send_task_message", None)  # a cached sender made before install
-    create = amqp._create_task_sender
+    """Give ``app`` a task sender that adds tq metadata to every message (once per app)."""
 
-    def _create_task_sender() -> Sender:
+    def wrap(send: Sender) -> Sender:
         refuse_pickle(app.conf)
-        return _with_metadata(app, settings_for(app), create())
+        return _with_metadata(app, settings_for(app), send)
 
-    amqp._create_task_sender = _create_task_sender
+    celery_seam.wrap_task_sender(app, wrap)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_tq import celery_seam
 from celery_tq.system import TaskQueueSystem, install, system_for
 from celery_tq.testing import WorkerProcess
 
@@ -141,10 +142,4 @@ def _load_app(name: str) -> Celery:
 def _point_at(app: Celery, broker: str, results: str) -> None:
     """Point ``app`` at another broker and result backend, dropping its cached connections."""
     app.conf.update(broker_url=broker, result_backend=results)
-    own: Any = app  # private caches: celery-types does not describe them
-    if own._pool is not None:
-        own._pool.force_close_all()
-        own._pool = None
-    own.amqp._producer_pool = None
-    own._backend_cache = None
-    own._local.__dict__.pop("backend", None)
+    celery_seam.drop_connection_caches(app)

@@ -10,7 +10,7 @@ from celery.backends.base import Backend
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from kombu.exceptions import DecodeError
 
-from celery_tq import error_codec
+from celery_tq import celery_seam, error_codec
 from celery_tq.errors import ExecutionFailed, InvalidInput, StorageError
 
 __all__ = ["ENDED", "StructuredErrorsMixin", "raise_if_rejected", "wire_backend"]
@@ -91,7 +91,7 @@ class StructuredErrorsMixin:
 
     def _get_task_meta_for(self, task_id: str) -> Any:
         try:
-            return super()._get_task_meta_for(task_id)  # type: ignore[misc]
+            return celery_seam.base_task_meta_for(super(), task_id)
         except (RecursionError, DecodeError) as exc:  # e.g. a forged value nested past JSON's depth
             raise StorageError(f"stored result of {task_id} cannot be read: {exc}", task_id) from exc
 
@@ -116,19 +116,10 @@ def with_structured_errors(backend: Backend) -> Backend:
         return backend
     if cls not in _classes:
         _classes[cls] = type(cls.__name__, (StructuredErrorsMixin, cls), {})
-    backend.__class__ = _classes[cls]
+    celery_seam.retype(backend, _classes[cls])
     return backend
 
 
-def wire_backend(celery_app: Celery) -> None:
+def wire_backend(app: Celery) -> None:
     """Every backend this app creates (one per thread) gets structured errors."""
-    app: Any = celery_app  # private hooks: celery-types does not describe them
-    create = app._get_backend
-
-    def _get_backend() -> Backend:
-        return with_structured_errors(create())
-
-    app._get_backend = _get_backend
-    backend = getattr(app._local, "backend", None)
-    if backend is not None:
-        with_structured_errors(backend)
+    celery_seam.wrap_backends(app, with_structured_errors)

@@ -10,13 +10,14 @@ states of tasks whose results are ignored. Handlers are connected with
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from celery import Celery, signals
@@ -25,14 +26,14 @@ from kombu.utils.json import dumps
 
 from celery_tq import error_codec
 from celery_tq.errors import InvalidInput
-from celery_tq.publish_batch import after_send, send_batched
+from celery_tq.publish_batch import after_send
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_headers, from_request, registry_url
 from celery_tq.registry.record import QUEUED, change
 from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
 from celery_tq.settings import settings_for
 
-__all__ = ["connect"]
+__all__ = ["connect", "publishing"]
 
 _publishing: contextvars.ContextVar[Celery | None] = contextvars.ContextVar("tq_publishing", default=None)
 _pool_child = False  # set in prefork pool processes (``worker_process_init``)
@@ -61,7 +62,6 @@ def connect(app: Celery) -> None:
     """Connect the registry's handlers for ``app`` (``weak=False``, one ``dispatch_uid`` each)."""
     uid = app.__dict__.setdefault("_tq_registry_uid", uuid.uuid4().hex)
     recorder = _Recorder(weakref.ref(app), uid)
-    _mark_publishes(app)
     for name, signal in _RUN_SIGNALS.items():
         signal.connect(getattr(recorder, name), weak=False, dispatch_uid=_dispatch_uid(name, uid))
     for signal, handler in (
@@ -76,30 +76,15 @@ def _dispatch_uid(handler: str, uid: str) -> str:
     return f"tq-registry-{handler}-{uid}"
 
 
-def _mark_publishes(app: Celery) -> None:
-    """``after_task_publish`` names no app: the app's sender marks its own publishes.
-
-    The sender also sends a task and its ``task-sent`` event in one batch (:mod:`.publish_batch`).
-    """
-    amqp: Any = app.amqp  # private hook, as in celery_tq.publish
-    amqp.__dict__.pop("send_task_message", None)
-    create = amqp._create_task_sender
-
-    def _create_task_sender() -> Callable[..., Any]:
-        send = create()
-
-        def send_task_message(producer: Any, name: str, message: Any, **kwargs: Any) -> Any:
-            retry = kwargs.get("retry")
-            token = _publishing.set(app)
-            try:
-                resend = bool(app.conf.task_publish_retry if retry is None else retry)
-                return send_batched(send, producer, name, message, kwargs, resend)
-            finally:
-                _publishing.reset(token)
-
-        return send_task_message
-
-    amqp._create_task_sender = _create_task_sender
+@contextlib.contextmanager
+def publishing(app: Celery) -> Iterator[None]:
+    """``after_task_publish`` names no app: the app's sender (:mod:`celery_tq.publish`) sends
+    inside this block, so the handler knows whose publish it sees."""
+    token = _publishing.set(app)
+    try:
+        yield
+    finally:
+        _publishing.reset(token)
 
 
 class _Recorder:

@@ -7,11 +7,11 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
-from celery import Celery, _state, signals
+from celery import Celery, signals
 from celery.concurrency import get_implementation
 from celery.result import AsyncResult
 
-from celery_tq import checks, presets, timeouts
+from celery_tq import celery_seam, checks, presets, timeouts
 from celery_tq import signals as signals_module
 from celery_tq.errors import ConfigurationError
 from celery_tq.publish import wire_publisher
@@ -116,7 +116,7 @@ class TaskQueueSystem:
             return
         ready = threading.Event()
         # The threads pool runs tasks with the process's default app: make it this one.
-        self._previous_default = getattr(_state, "default_app", None)
+        self._previous_default = celery_seam.default_app()
         self.app.set_default()
         worker_cls: Any = self.app.WorkController
         worker = worker_cls(
@@ -138,8 +138,7 @@ class TaskQueueSystem:
             self.shutdown()
             raise ConfigurationError("the in-process worker did not become ready within 30 s")
         # The pool marks this process as "inside a worker"; the caller here is not a task.
-        state: Any = _state  # private: celery-types does not describe it
-        state._set_task_join_will_block(False)
+        celery_seam.clear_task_join_will_block()
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop the in-process worker after its running tasks finish (warm shutdown)."""
@@ -150,7 +149,7 @@ class TaskQueueSystem:
         self._thread = None
         self._worker = None
         if self._previous_default is not None:
-            _state.set_default_app(self._previous_default)
+            celery_seam.set_default_app(self._previous_default)
 
     @property
     def registry(self) -> Registry:
@@ -248,7 +247,7 @@ def _apply_preset(conf: Any, preset_settings: dict[str, Any]) -> None:
     Celery's own defaults are the last map of the configuration's chain; any other map holds
     values the user chose.
     """
-    chosen = conf.maps[:-1]
+    chosen = celery_seam.conf_maps_chosen(conf)
     for key, value in preset_settings.items():
         if not any(key in m for m in chosen):
             conf[key] = value

@@ -9,40 +9,39 @@ from celery import Task
 from celery.exceptions import TaskPredicate
 from celery.utils.time import get_exponential_backoff_interval
 
-from celery_tq import error_codec, timeouts
+from celery_tq import celery_seam, error_codec, timeouts
 from celery_tq.errors import TaskTimeout
-from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT, TaskMetadata
+from celery_tq.metadata import (
+    CALL_METADATA,
+    HEADER_PRIORITY,
+    HEADER_TAGS,
+    HEADER_TIMEOUT,
+    TaskMetadata,
+    carried,
+    stamp,
+)
 from celery_tq.settings import TqSettings, settings_for
 
 __all__ = ["TqTask", "call_options"]
 
 
 def call_options(metadata: TaskMetadata, options: dict[str, Any]) -> dict[str, Any]:
-    """Validate a call's ``priority``/``timeout``/``tags`` against ``metadata``.
+    """Validate a call's ``priority``/``timeout``/``tags`` against ``metadata``, at call time.
 
-    ``timeout`` and ``tags`` move to ``tq_timeout``/``tq_tags`` so Celery never mistakes the
-    run timeout for its publish timeout; the publisher turns them into headers.
+    ``timeout`` and ``tags`` are taken out (Celery would read ``timeout`` as its publish timeout);
+    the effective metadata travels to the publisher in the ``CALL_METADATA`` option, which stamps
+    it into the headers without computing it again.
     """
     options = dict(options)
     effective = metadata.merged_with_call(options)
-    options["priority"] = effective.priority
-    options["tq_timeout"] = effective.timeout
-    options["tq_tags"] = sorted(effective.tags)
+    options["priority"] = effective.priority  # the router reads it
+    options[CALL_METADATA] = effective
     return options
 
 
-_TQ_KEYS = (HEADER_PRIORITY, HEADER_TAGS, HEADER_TIMEOUT)
-
-
 def _tq_values(request: Any) -> dict[str, Any] | None:
-    """A run's ``tq_*`` values (request attributes over message headers); None if it has none."""
-    headers = getattr(request, "headers", None) or {}
-    values = {key: headers[key] for key in _TQ_KEYS if key in headers}
-    for key in _TQ_KEYS:
-        value = getattr(request, key, None)
-        if value is not None:
-            values[key] = value
-    return values or None
+    """A run's ``tq_*`` values (:func:`celery_tq.metadata.carried`); None if it has none."""
+    return carried(request) or None
 
 
 class TqTask(Task):  # type: ignore[type-arg]
@@ -70,7 +69,7 @@ class TqTask(Task):  # type: ignore[type-arg]
         cls.tq_metadata = TaskMetadata(
             priority=priority, timeout=timeout, tags=cls.tq_metadata.tags | frozenset(cls.tq_tags)
         )
-        cls._tq_direct_run = super().__call__ is Task.__call__
+        cls._tq_direct_run = celery_seam.tracer_pushes_request(super().__call__)
 
     @property
     def metadata(self) -> TaskMetadata:
@@ -110,9 +109,13 @@ class TqTask(Task):  # type: ignore[type-arg]
         """Run here and now (also ``apply_async`` with ``task_always_eager``), with the call's
         metadata in the run's headers, where a worker finds it in a message."""
         options = dict(options)
-        metadata = self.tq_metadata.merged_with_call(options)
+        metadata = options.pop(CALL_METADATA, None)  # from apply_async with task_always_eager
+        if not isinstance(metadata, TaskMetadata):
+            metadata = self.tq_metadata.merged_with_call(options)
         options["priority"] = metadata.priority
-        options["headers"] = {**(options.get("headers") or {}), **metadata.to_headers()}
+        headers = dict(options.get("headers") or {})
+        stamp(headers, metadata)
+        options["headers"] = headers
         return super().apply(args, kwargs, **options)
 
     def signature_from_request(self, request: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -31,6 +31,7 @@ from typing import Any
 from celery import bootsteps
 from kombu import Producer
 
+from celery_tq import celery_seam
 from celery_tq.settings import settings_for
 
 __all__ = ["WatchedEvents"]
@@ -42,19 +43,20 @@ BACKOFF = 60.0  # seconds without probes after one failed
 
 
 class _Probe:
-    """Publishes worker events as probes and switches the dispatcher's task events."""
+    """Publishes worker events as probes and switches the dispatcher's task events (it becomes the
+    dispatcher's publish when made)."""
 
     def __init__(self, dispatcher: Any) -> None:
         self.dispatcher = dispatcher
-        self.publish_plain = dispatcher._publish
         self.watched = True  # until a probe says otherwise
         self.paused_task_group = False
         self.producer: Any = None  # a kombu Producer on the probe channel
         self.returned = False
         self.resume_probing_at = 0.0
+        self.publish_plain = celery_seam.wrap_event_publish(dispatcher, self.publish)  # Celery's own
 
     def publish(self, event: Any, producer: Any, routing_key: str, *args: Any, **kwargs: Any) -> Any:
-        """The dispatcher's ``_publish``: worker events are probes, task events go as before."""
+        """The dispatcher's publish: worker events are probes, task events go as before."""
         if not routing_key.startswith("worker.") or time.monotonic() < self.resume_probing_at:
             return self.publish_plain(event, producer, routing_key, *args, **kwargs)
         try:
@@ -139,13 +141,12 @@ class WatchedEvents(bootsteps.StartStopStep):
         if channel is None or not hasattr(type(channel), "basic_publish_confirm"):
             return  # not py-amqp: no mandatory flag with confirms to learn from
         self.probe = _Probe(dispatcher)
-        dispatcher._publish = self.probe.publish
 
     def stop(self, c: Any) -> None:
         # The probe channel closes with the dispatcher's connection (Celery's Events step closes
         # it); closing it here would wait for the broker's reply, and a blocked broker never sends one.
         probe, self.probe = self.probe, None
         if probe is not None:
-            probe.dispatcher.__dict__.pop("_publish", None)  # worker-offline goes as Celery sends it
+            celery_seam.restore_event_publish(probe.dispatcher)  # worker-offline goes as Celery sends it
 
     shutdown = stop

@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from celery_tq import celery_seam
 from celery_tq.settings import settings_for
 
 __all__ = ["BatchedEvents", "unconfirm"]
@@ -33,10 +34,10 @@ def unconfirm(producer: Any) -> bool:
     confirm = getattr(type(channel), "basic_publish_confirm", None)
     if confirm is None or getattr(channel.basic_publish, "__func__", None) is not confirm:
         return False  # not py-amqp, or confirms are off
-    if getattr(channel, "_confirm_selected", True):  # confirm mode cannot be left: new channel
+    if celery_seam.in_confirm_mode(channel):  # confirm mode cannot be left: new channel
         channel = producer.connection.channel()
         producer.revive(channel)
-    channel.basic_publish = channel._basic_publish
+    celery_seam.plain_basic_publish(channel)
     return True
 
 

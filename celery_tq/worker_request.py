@@ -34,6 +34,7 @@ from celery.exceptions import Retry
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
+from celery_tq import celery_seam
 from celery_tq.errors import WorkerLost
 from celery_tq.publish import HEADER_LOST
 from celery_tq.result_errors import ENDED
@@ -84,8 +85,8 @@ class TqRequest(Request):
 
     @property
     def _run_context(self) -> Any:
-        """The run's Context, as Celery's own ``on_failure`` re-sends it (private: Celery 5.7)."""
-        return getattr(self, "_context")  # noqa: B009 (not in celery-types)
+        """The run's Context, as Celery's own ``on_failure`` re-sends it."""
+        return celery_seam.request_context(self)
 
     def revoked(self) -> bool:
         """Celery's check before a run, plus: a redelivered task that already ended is skipped."""

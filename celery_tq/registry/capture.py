@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS
+from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS, carried
 from celery_tq.settings import settings_for
 
 __all__ = ["from_headers", "from_request", "registry_url"]
@@ -25,13 +25,14 @@ def registry_url(app: Celery) -> str:
 
 def from_headers(headers: dict[str, Any], routing_key: str | None) -> dict[str, Any]:
     """Fields of a published message (the client's ``QUEUED`` write)."""
+    metadata = carried(headers)
     return {
         "name": headers.get("task"),
         "args_repr": _text(headers.get("argsrepr")),
         "kwargs_repr": _text(headers.get("kwargsrepr")),
         "queue": routing_key or None,
-        "priority": _int(headers.get(HEADER_PRIORITY)),
-        "tags": headers.get(HEADER_TAGS),
+        "priority": _int(metadata.get(HEADER_PRIORITY)),
+        "tags": metadata.get(HEADER_TAGS),
         "parent_id": headers.get("parent_id"),
         "root_id": headers.get("root_id"),
         "group_id": headers.get("group"),
@@ -49,14 +50,15 @@ def from_request(request: Any) -> tuple[int, dict[str, Any]]:
         return found if found is not None else headers.get(key)
 
     delivery = getattr(request, "delivery_info", None) or {}
+    metadata = carried(request)
     fields = {
         "name": getattr(request, "task", None) or getattr(request, "name", None),
         "args_repr": _text(value("argsrepr")),
         "kwargs_repr": _text(value("kwargsrepr")),
         "worker": getattr(request, "hostname", None),
         "queue": delivery.get("routing_key") or None,
-        "priority": _int(value(HEADER_PRIORITY)),
-        "tags": value(HEADER_TAGS),
+        "priority": _int(metadata.get(HEADER_PRIORITY)),
+        "tags": metadata.get(HEADER_TAGS),
         "parent_id": getattr(request, "parent_id", None),
         "root_id": getattr(request, "root_id", None),
         "group_id": getattr(request, "group", None),

@@ -59,9 +59,9 @@ class Transport(virtual.Transport):
 
 def register_transports() -> None:
     """Make kombu resolve ``tq+...`` URLs to :class:`Transport` (idempotent)."""
-    from kombu.transport import TRANSPORT_ALIASES
+    from celery_tq.celery_seam import register_transport_alias
 
-    TRANSPORT_ALIASES["tq"] = "celery_tq.transport:Transport"
+    register_transport_alias("tq", "celery_tq.transport:Transport")
     _merge_errors()
 
 

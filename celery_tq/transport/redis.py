@@ -46,6 +46,16 @@ Scope: Redis >= 6.2, standalone or the primary that Redis Sentinel names:
 options (:mod:`celery_tq.transport.redis_sentinel`: after a failover the worker reconnects to the
 new primary and the scripts are loaded again). Redis Cluster is refused at connect time;
 ``global_keyprefix`` is honoured (every key, the transport's own included, is prefixed).
+
+Members of kombu's classes used here (kombu 5.7.0; ``tests/unit/test_seam.py`` checks they exist):
+overridden in ``kombu.transport.redis.Channel``: ``_connparams``, ``_on_connection_disconnect``,
+``_put``, ``_get``, ``_brpop_start``, ``_brpop_read``; called or read on it: ``_create_client``,
+``_prepare_virtual_host``, ``_get_message_priority``, ``_q_for_pri``, ``_expires``,
+``_queue_cycle``, ``_maybe_update_queues_expire``, ``_fanout_queues``, ``_pool``, ``_async_pool``,
+``_disconnect_pools``, ``_close_clients``, ``_in_poll``, ``_brpop_sent_at``, ``_closing``; on
+``kombu.transport.virtual.QoS``: ``_delivered``, ``_quick_ack``, ``_flush``; on
+``kombu.transport.virtual.Transport`` (``channel.connection``): ``_callbacks``, ``_deliver``.
+redis-py's private members go through :mod:`celery_tq.celery_seam`.
 """
 
 from __future__ import annotations
@@ -68,8 +78,8 @@ from typing import Any
 import redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
-from kombu.utils.url import _parse_url
 
+from celery_tq.celery_seam import connection_socket, kombu_parse_url, pool_connections
 from celery_tq.errors import ConfigurationError
 from celery_tq.transport import redis_scripts
 
@@ -243,7 +253,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             )
 
     def _tq_url(self) -> Any:
-        return _parse_url(self.connection.client.hostname or "redis://")
+        return kombu_parse_url(self.connection.client.hostname or "redis://")
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         url = self._tq_url()
@@ -626,19 +636,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _tq_sever(self) -> None:
         """Shut down (not close: the event loop owns them) the sockets of the channel's pool, so
         a read blocked on a frozen link, or an event loop waiting for its reply, gets EOF now.
-
-        Uses redis-py's ``ConnectionPool._get_in_use_connections`` / ``_get_free_connections``
-        and ``Connection._sock`` (redis-py 8.1)."""
+        (redis-py's pool and socket internals: :mod:`celery_tq.celery_seam`)."""
         connections: list[Any] = []
         client = self.__dict__.get("client")
         if client is not None:
             connections.append(getattr(client, "connection", None))
         for pool in (self._pool, self._async_pool):
-            for name in ("_get_in_use_connections", "_get_free_connections"):
-                with suppress(Exception):
-                    connections += list(getattr(pool, name)())
+            connections += pool_connections(pool)
         for connection in connections:
-            sock = getattr(connection, "_sock", None)
+            sock = connection_socket(connection)
             if sock is not None:
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

@@ -18,6 +18,10 @@ off: the entries are the sentinels of one primary, asked in turn by redis-py. As
 ``sentinel://``, what the old primary accepted after the replica's last sync or until Sentinel
 demoted it (``SENTINEL FAILOVER`` does not stop it first) is lost: acks (those tasks run again)
 and messages published there.
+
+Members of kombu's ``kombu.transport.redis.Channel`` used here (kombu 5.7.0, checked by
+``tests/unit/test_seam.py``): ``_connparams`` and ``_get_pool`` (overridden),
+``_prepare_virtual_host`` (called).
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from kombu.utils.url import _parse_url
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
+from celery_tq.celery_seam import kombu_parse_url
 from celery_tq.errors import ConfigurationError
 from celery_tq.transport import redis as tq_redis
 
@@ -63,7 +67,7 @@ class SentinelChannel(tq_redis.Channel):
                 'broker_transport_options = {"master_name": "mymaster"} (the <name> of the '
                 "sentinels' 'sentinel monitor <name> <host> <port> <quorum>' line)"
             )
-        urls = [_parse_url(url) for url in (conninfo.alt or [conninfo.hostname])]
+        urls = [kombu_parse_url(url) for url in (conninfo.alt or [conninfo.hostname])]
         for url in urls:
             if url.scheme not in _SCHEMES:
                 raise ConfigurationError(

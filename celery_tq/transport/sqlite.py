@@ -12,6 +12,12 @@ the table owned by the consuming channel until acked (at-least-once); it is requ
 place (same id) on channel close, reject(requeue=True), or when a sweep finds its owner
 dead: same host -> its pid is gone (so long tasks are safe), other host -> no heartbeat for
 ``consumer_expiry`` s. Auto-delete and fanout-bound queues die with their owner.
+
+Members of kombu's virtual transport classes used here (kombu 5.7.0; ``tests/unit/test_seam.py``
+checks they exist): overridden in ``kombu.transport.virtual.Channel``: ``_new_queue``,
+``_has_queue``, ``_delete``, ``_purge``, ``_size``, ``_put``, ``_get`` (the virtual transport
+API); read on it: ``_get_message_priority``, ``_tag_to_queue``; on ``virtual.QoS``:
+``_delivered``, ``_dirty``; on ``virtual.Transport`` (``channel.connection``): ``_deliver``.
 """
 
 from __future__ import annotations

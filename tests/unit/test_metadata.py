@@ -14,6 +14,7 @@ from celery import Celery, _state
 import celery_tq
 from celery_tq import Priority, TaskMetadata, TqTask
 from celery_tq.errors import MetadataError, TaskError
+from celery_tq.metadata import CALL_METADATA, carried, stamp
 
 
 @pytest.fixture(autouse=True)
@@ -381,6 +382,40 @@ def test_a_valid_call_publishes_one_message_carrying_the_metadata(app: Celery) -
     assert message.headers["tq_tags"] == ["billing", "vip"]
     assert message.headers["tq_timeout"] == 10.0
     assert "[tq priority=9 tags=billing,vip timeout=10]" in message.headers["kwargsrepr"]
+
+
+def test_the_metadata_handed_to_the_publisher_stays_out_of_the_message(app: Celery) -> None:
+    tq = celery_tq.system_for(app)
+
+    @tq.task(priority=Priority.LOW)
+    def charge(order_id: int) -> None:
+        return None
+
+    charge.apply_async((5,), priority=8)
+
+    with app.connection_for_write() as conn:
+        message = conn.default_channel.basic_get(app.conf.tq_default_queue, no_ack=True)
+    assert message.headers["tq_priority"] == 8
+    assert CALL_METADATA not in message.headers
+    assert CALL_METADATA not in message.properties
+
+
+def test_carried_reads_back_what_stamp_wrote_from_headers_and_from_a_request() -> None:
+    metadata = TaskMetadata(priority=7, timeout=30, tags={"billing", "vip"})
+    headers: dict[str, Any] = {"task": "shop.charge"}
+    stamp(headers, metadata)
+
+    assert TaskMetadata.from_headers(headers, TaskMetadata()) == metadata
+    assert carried(headers) == {"tq_priority": 7, "tq_timeout": 30.0, "tq_tags": ["billing", "vip"]}
+
+    class Request:  # a worker's request holds the headers as attributes too; those win
+        tq_priority = 9
+
+    request = Request()
+    request.headers = headers  # type: ignore[attr-defined]
+    assert carried(request)["tq_priority"] == 9
+    assert carried(request)["tq_tags"] == ["billing", "vip"]
+    assert carried({"task": "plain"}) == {}
 
 
 @pytest.mark.parametrize(
