@@ -1,4 +1,4 @@
-"""Task events only while a monitor listens: a consumer bootstep (RabbitMQ).
+"""Task events only while a monitor listens: a consumer bootstep (RabbitMQ, ``tq+redis://``).
 
 With task events on (the presets turn them on for Flower), Celery's worker builds, serializes
 and publishes three events per task whether or not anything consumes them; with no monitor
@@ -14,6 +14,13 @@ disable_events`` does). The first worker event that is routed resumes them. A mo
 connects (Flower, ``celery events``, an ``EventReceiver`` capturing with ``wakeup=True``)
 broadcasts ``heartbeat`` to the workers at once, so it sees task events from within a round trip
 of connecting; any other consumer of the event exchange within one heartbeat interval.
+
+On ``tq+redis://`` events go out by Redis PUBLISH, which answers how many subscribers got the
+message. After each worker event the probe publishes an empty batch of task events (``[]`` on
+the ``task.multi`` routing key: a receiver processes nothing) and reads that number: only task
+event monitors subscribe to it (other workers' gossip subscribes to ``worker.*`` alone, when
+kombu's ``fanout_patterns`` is on, its default; with it off every worker counts and events stay
+on). The stock ``redis://`` transport does not report the number: events stay on there.
 
 Nothing changes for a worker whose task events are off, on other transports, or with
 ``tq_pause_unwatched_events = False``. If a probe fails or times out (a broker under a memory
@@ -60,7 +67,7 @@ class _Probe:
         if not routing_key.startswith("worker.") or time.monotonic() < self.resume_probing_at:
             return self.publish_plain(event, producer, routing_key, *args, **kwargs)
         try:
-            routed = self._probe(event, routing_key)
+            routed = self._probe(event, producer, routing_key, args, kwargs)
         except Exception as exc:  # any failure: stay on, publish as Celery would
             logger.debug("task event probe failed (%r); task events stay on", exc)
             self.producer = None  # a late confirm must not answer the next probe: a new channel
@@ -70,8 +77,8 @@ class _Probe:
         self._set_watched(routed)
         return None
 
-    def _probe(self, event: Any, routing_key: str) -> bool:
-        """Publish ``event`` mandatory and confirmed; True if a queue took it."""
+    def _probe(self, event: Any, producer: Any, routing_key: str, args: Any, kwargs: Any) -> bool:
+        """Publish ``event`` mandatory and confirmed; True if a queue took it (RabbitMQ)."""
         dispatcher = self.dispatcher
         if self.producer is None:
             channel = dispatcher.producer.connection.channel()
@@ -121,8 +128,32 @@ class _Probe:
                 )
 
 
+class _CountingProbe(_Probe):
+    """``tq+redis://``: the worker event goes as Celery sends it; then an empty task-event batch
+    is published and the number of subscribers that got it decides."""
+
+    def _probe(self, event: Any, producer: Any, routing_key: str, args: Any, kwargs: Any) -> bool:
+        dispatcher = self.dispatcher
+        channel = dispatcher.producer.channel
+        channel.tq_fanout_receivers = None
+        dispatcher.producer.publish(
+            [],
+            routing_key="task.multi",
+            exchange=dispatcher.exchange.name,
+            declare=[dispatcher.exchange],
+            serializer=dispatcher.serializer,
+            headers=dispatcher.headers,
+            delivery_mode=dispatcher.delivery_mode,
+        )
+        receivers = channel.tq_fanout_receivers
+        if receivers is None:
+            raise RuntimeError("the transport did not report the number of receivers")
+        self.publish_plain(event, producer, routing_key, *args, **kwargs)
+        return int(receivers) > 0
+
+
 class WatchedEvents(bootsteps.StartStopStep):
-    """Consumer step: task events pause while no monitor listens (py-amqp only)."""
+    """Consumer step: task events pause while no monitor listens (py-amqp, ``tq+redis://``)."""
 
     requires = ("celery.worker.consumer.events:Events",)
     label = "tq-watched-events"
@@ -138,9 +169,12 @@ class WatchedEvents(bootsteps.StartStopStep):
             return  # task events off, or filtered by the user: Celery's choice stands
         producer = dispatcher.producer
         channel = getattr(producer, "channel", None)
-        if channel is None or not hasattr(type(channel), "basic_publish_confirm"):
-            return  # not py-amqp: no mandatory flag with confirms to learn from
-        self.probe = _Probe(dispatcher)
+        if channel is not None and hasattr(channel, "tq_fanout_receivers"):
+            self.probe = _CountingProbe(dispatcher)  # tq+redis://: PUBLISH counts the receivers
+        elif channel is not None and hasattr(type(channel), "basic_publish_confirm"):
+            self.probe = _Probe(dispatcher)  # py-amqp: a mandatory, confirmed publish
+        else:
+            return  # nothing to learn from: events stay on
 
     def stop(self, c: Any) -> None:
         # The probe channel closes with the dispatcher's connection (Celery's Events step closes

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from celery import Celery
 from kombu import Connection, Producer
 
 from celery_tq.worker_events import unconfirm
-from tests.integration.conftest import Shop
+from tests.integration.conftest import Shop, _shop
 
 
 def test_unconfirm_takes_a_producer_off_publisher_confirms(rabbitmq_vhost: str) -> None:
@@ -122,9 +125,16 @@ def _run(app: Celery, count: int) -> list[str]:
 PAUSED, RESUMED = "Task events paused", "Task events resumed"
 
 
-def test_task_events_pause_with_no_monitor_and_resume_when_one_connects(rabbitmq_shop: Shop) -> None:
-    app = rabbitmq_shop.app
-    worker = rabbitmq_shop.start_worker()
+@pytest.fixture(params=["rabbitmq", "tq+redis"])
+def watched_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    """The brokers that tell a worker whether a monitor listens: RabbitMQ (a mandatory publish
+    returned) and ``tq+redis://`` (PUBLISH counts the subscribers)."""
+    yield from _shop(request.param, request, Path(data_dir))
+
+
+def test_task_events_pause_with_no_monitor_and_resume_when_one_connects(watched_shop: Shop) -> None:
+    app = watched_shop.app
+    worker = watched_shop.start_worker()
     assert _wait(lambda: PAUSED in worker.log, timeout=10)  # the first heartbeat found no listener
     _run(app, 5)
 
