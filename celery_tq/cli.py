@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from celery_tq import checks
-from celery_tq.record_text import (
+from celery_tq.monitoring.record_text import (
     duration,
     error_line,
     parse_state,
@@ -257,8 +257,8 @@ def _state(state: str) -> str:
 @click.pass_context
 def status(ctx: click.Context, once: bool, as_json: bool, interval: float, svg: str | None) -> None:
     """Live view: queue depth per priority, running tasks, throughput, failures by tag, waits."""
-    from celery_tq.monitor import snapshot
-    from celery_tq.status_view import render
+    from celery_tq.monitoring.monitor import snapshot
+    from celery_tq.monitoring.status_view import render
 
     app = ctx.obj.app
     try:
@@ -295,7 +295,7 @@ def exporter(ctx: click.Context, port: int, address: str) -> None:
     """Serve Prometheus metrics: queue depth and waits by priority, tasks by state and name."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from celery_tq.exporter import TqCollector
+    from celery_tq.monitoring.exporter import TqCollector
 
     app = ctx.obj.app
     try:

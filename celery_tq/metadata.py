@@ -150,7 +150,8 @@ class TaskMetadata:
 
 def stamp(headers: dict[str, Any], metadata: TaskMetadata) -> None:
     """Write ``metadata`` into a message's ``headers``: the one writer of the ``tq_*`` headers
-    (called by the publish hook, :mod:`celery_tq.publish`, and for an eager run by ``TqTask.apply``)."""
+    (called by the publish hook, :mod:`celery_tq.client.publish`, and for an eager run by
+    ``TqTask.apply``)."""
     headers.update(metadata.to_headers())
 
 

@@ -73,7 +73,7 @@ class StructuredErrorsMixin:
         on_interval: Any = None,
     ) -> Any:
         """Celery's polling ``wait_for``, which also ends on ``REJECTED`` (a message no worker could
-        read, see :mod:`celery_tq.refused_messages`): Celery would wait on it forever."""
+        read, see :mod:`celery_tq.worker.refused`): Celery would wait on it forever."""
         if getattr(self.app.conf, "task_always_eager", False):  # type: ignore[attr-defined]
             return super().wait_for(task_id, timeout, interval, no_ack, on_interval)  # type: ignore[misc]
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -25,8 +25,8 @@ from kombu.exceptions import EncodeError
 from kombu.utils.json import dumps
 
 from celery_tq import error_codec
+from celery_tq.client.batch import after_send
 from celery_tq.errors import InvalidInput
-from celery_tq.publish_batch import after_send
 from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.capture import from_headers, from_request, registry_url
 from celery_tq.registry.record import QUEUED, change
@@ -78,7 +78,7 @@ def _dispatch_uid(handler: str, uid: str) -> str:
 
 @contextlib.contextmanager
 def publishing(app: Celery) -> Iterator[None]:
-    """``after_task_publish`` names no app: the app's sender (:mod:`celery_tq.publish`) sends
+    """``after_task_publish`` names no app: the app's sender (:mod:`celery_tq.client.publish`) sends
     inside this block, so the handler knows whose publish it sees."""
     token = _publishing.set(app)
     try:

@@ -11,11 +11,10 @@ from celery import Celery, signals
 from celery.concurrency import get_implementation
 from celery.result import AsyncResult
 
-from celery_tq import celery_seam, checks, presets, timeouts
+from celery_tq import celery_seam, checks, presets
 from celery_tq import signals as signals_module
+from celery_tq.client.publish import wire_publisher
 from celery_tq.errors import ConfigurationError
-from celery_tq.publish import wire_publisher
-from celery_tq.refused_messages import RecordRefusedMessages
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.registry.capture import registry_url
 from celery_tq.result_errors import wire_backend
@@ -23,11 +22,13 @@ from celery_tq.routing import PriorityRouter, broker_kind, queues_for
 from celery_tq.settings import TqSettings, read_settings, refuse_pickle, settings_for
 from celery_tq.task import TqTask
 from celery_tq.transport import register_transports
-from celery_tq.watched_events import WatchedEvents
-from celery_tq.worker_events import BatchedEvents
-from celery_tq.worker_guard import RefuseUnsafeConfig
-from celery_tq.worker_prefetch import ReserveExtra
-from celery_tq.worker_request import WatchPoolProcesses
+from celery_tq.worker import timeouts
+from celery_tq.worker.events import BatchedEvents
+from celery_tq.worker.guard import RefuseUnsafeConfig
+from celery_tq.worker.prefetch import ReserveExtra
+from celery_tq.worker.refused import RecordRefusedMessages
+from celery_tq.worker.request import WatchPoolProcesses
+from celery_tq.worker.watched_events import WatchedEvents
 
 __all__ = ["TaskQueueSystem", "install", "system_for"]
 

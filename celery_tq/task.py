@@ -9,7 +9,7 @@ from celery import Task
 from celery.exceptions import TaskPredicate
 from celery.utils.time import get_exponential_backoff_interval
 
-from celery_tq import celery_seam, error_codec, timeouts
+from celery_tq import celery_seam, error_codec
 from celery_tq.errors import TaskTimeout
 from celery_tq.metadata import (
     CALL_METADATA,
@@ -21,6 +21,7 @@ from celery_tq.metadata import (
     stamp,
 )
 from celery_tq.settings import TqSettings, settings_for
+from celery_tq.worker import timeouts
 
 __all__ = ["TqTask", "call_options"]
 
@@ -58,7 +59,7 @@ class TqTask(Task):  # type: ignore[type-arg]
     #: Re-runs after the task's process died; None = the ``tq_worker_lost_retries`` setting.
     tq_worker_lost_retries: ClassVar[int | None] = None
     #: The worker's main process handles a lost process with celery-tq's bounded, quick re-run.
-    Request = "celery_tq.worker_request:TqRequest"
+    Request = "celery_tq.worker.request:TqRequest"
     _tq_direct_run: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

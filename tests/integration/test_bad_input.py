@@ -116,7 +116,7 @@ def test_malformed_body_with_a_task_id_ends_rejected_for_the_caller_and_the_regi
     from celery.result import AsyncResult
 
     from celery_tq import system_for
-    from celery_tq.refused_messages import refused_count
+    from celery_tq.worker.refused import refused_count
 
     app = production_shop.app
     worker = production_shop.start_worker()

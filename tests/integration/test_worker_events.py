@@ -20,7 +20,7 @@ import pytest
 from celery import Celery
 from kombu import Connection, Producer
 
-from celery_tq.worker_events import unconfirm
+from celery_tq.worker.events import unconfirm
 from tests.integration.conftest import Shop, _shop
 
 

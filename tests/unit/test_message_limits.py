@@ -9,8 +9,8 @@ import pytest
 from celery import Celery
 
 import celery_tq
+from celery_tq.client.limits import _bounds, check_message
 from celery_tq.errors import InvalidInput
-from celery_tq.message_limits import _bounds, check_message
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_tq.record_text import duration, error_line, parse_state, short_ids, traceback_chain
+from celery_tq.monitoring.record_text import duration, error_line, parse_state, short_ids, traceback_chain
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from celery_tq import watched_events
+from celery_tq.worker import watched_events as watched_events
 
 
 class _BrokenConnection:

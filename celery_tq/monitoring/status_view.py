@@ -7,7 +7,7 @@ from datetime import datetime
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from celery_tq.monitor import Snapshot
+from celery_tq.monitoring.monitor import Snapshot
 
 __all__ = ["render"]
 

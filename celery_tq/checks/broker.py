@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_tq.findings import Finding
+from celery_tq.checks.findings import Finding
 from celery_tq.routing import broker_kind
 from celery_tq.settings import settings_for
 

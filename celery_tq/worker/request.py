@@ -35,8 +35,8 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from celery_tq import celery_seam
+from celery_tq.client.publish import HEADER_LOST
 from celery_tq.errors import WorkerLost
-from celery_tq.publish import HEADER_LOST
 from celery_tq.result_errors import ENDED
 from celery_tq.settings import settings_for
 

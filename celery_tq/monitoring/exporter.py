@@ -16,9 +16,9 @@ from celery import Celery
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from celery_tq.monitor import RECENT_LIMIT, WINDOW, queue_depths, queue_waits
-from celery_tq.refused_messages import refused_count
+from celery_tq.monitoring.monitor import RECENT_LIMIT, WINDOW, queue_depths, queue_waits
 from celery_tq.settings import settings_for
+from celery_tq.worker.refused import refused_count
 
 __all__ = ["TqCollector"]
 

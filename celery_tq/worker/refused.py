@@ -16,8 +16,8 @@ from typing import Any
 
 from celery import bootsteps, signals
 
+from celery_tq.client.limits import MAX_ID
 from celery_tq.errors import InvalidInput
-from celery_tq.message_limits import MAX_ID
 from celery_tq.registry import store_for_url
 from celery_tq.registry.capture import registry_url
 

@@ -5,7 +5,7 @@ name, retries) ends in ``app.amqp.send_task_message``; the app's sender is wrapp
 (:func:`celery_tq.celery_seam.wrap_task_sender`) by the hook here, which computes the message's
 metadata once, stamps it into the headers (:func:`celery_tq.metadata.stamp`), marks the publish
 as this app's for the registry's ``after_task_publish`` handler and sends the task with its
-``task-sent`` event in one batch (:mod:`celery_tq.publish_batch`), so all of them mean the same
+``task-sent`` event in one batch (:mod:`celery_tq.client.batch`), so all of them mean the same
 thing on every broker.
 """
 
@@ -18,10 +18,10 @@ from celery import Celery
 from kombu.exceptions import EncodeError
 
 from celery_tq import celery_seam
+from celery_tq.client.batch import send_batched
+from celery_tq.client.limits import check_message
 from celery_tq.errors import InvalidInput
-from celery_tq.message_limits import check_message
 from celery_tq.metadata import CALL_METADATA, MAX_PRIORITY, TaskMetadata, stamp
-from celery_tq.publish_batch import send_batched
 from celery_tq.routing import to_broker_priority
 from celery_tq.settings import TqSettings, refuse_pickle, settings_for
 from celery_tq.signals import publishing
@@ -30,7 +30,7 @@ __all__ = ["wire_publisher"]
 
 Sender = Callable[..., Any]
 _MARK = "[tq "
-HEADER_LOST = "tq_lost"  # celery_tq.worker_request counts re-sends after a lost process in it
+HEADER_LOST = "tq_lost"  # celery_tq.worker.request counts re-sends after a lost process in it
 
 
 def _defaults_for(app: Celery, name: str) -> TaskMetadata:

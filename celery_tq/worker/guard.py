@@ -4,7 +4,7 @@
   ``on_after_configure``, where celery-tq reads the configuration, so it is refused again here);
 - a plain Celery task with ``soft_time_limit``/``time_limit`` on a pool that cannot enforce them
   (threads, solo, eventlet, gevent), where Celery silently ignores them. A ``TqTask``'s Celery
-  limits are enforced there like ``timeout=`` (see :mod:`celery_tq.timeouts`).
+  limits are enforced there like ``timeout=`` (see :mod:`celery_tq.worker.timeouts`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from celery_tq.broker_checks import redis_persistence_findings
+from celery_tq.checks.broker import redis_persistence_findings
 from celery_tq.errors import ConfigurationError
 from celery_tq.settings import refuse_pickle
 from celery_tq.task import TqTask

@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import Celery
 
-from celery_tq.broker_checks import amqp_findings, reachability_findings, redis_persistence_findings
-from celery_tq.findings import Finding
+from celery_tq.checks.broker import amqp_findings, reachability_findings, redis_persistence_findings
+from celery_tq.checks.findings import Finding
 from celery_tq.routing import broker_kind
 from celery_tq.settings import settings_for
 from celery_tq.task import TqTask

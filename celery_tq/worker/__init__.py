@@ -1,0 +1,8 @@
+"""Worker side: the bootsteps and the request class that ``install(app)`` adds to a worker.
+
+``events`` (task events in batches, without publisher confirms), ``watched_events`` (task events
+only while a monitor listens), ``prefetch`` (prefetch bound for priorities), ``guard`` (startup
+checks of the worker's broker), ``request`` (a lost pool process re-runs soon, a poison task ends
+``WorkerLost``), ``timeouts`` (``timeout=`` on every pool), ``refused`` (messages no worker can read
+end ``REJECTED``).
+"""
