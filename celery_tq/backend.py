@@ -23,7 +23,7 @@ from kombu.utils.url import maybe_sanitize_url
 from celery_tq.chords import ChordsMixin
 from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
-from celery_tq.registry.capture import from_request
+from celery_tq.registry.capture import from_request, run_of
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
 from celery_tq.registry.writer import RETRY_FOR, enqueue, flush_pending, write_with_retry
 from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
@@ -187,6 +187,8 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             meta["result"] = {k: v for k, v in result.items() if k != "tq"}
             if envelope.get("traceback"):
                 meta.pop("traceback", None)
+        if request is not None:  # a worker's run: counted once, however often its writes are retried
+            fields.update(run_of(request, started=state == states.STARTED))
         if state == states.RETRY:
             retries += 1  # the record counts retries already scheduled
         if state in states.READY_STATES:

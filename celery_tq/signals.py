@@ -26,7 +26,7 @@ from kombu.utils.json import dumps
 from celery_tq import error_codec
 from celery_tq.errors import InvalidInput
 from celery_tq.registry import Store, store_for_url
-from celery_tq.registry.capture import from_headers, from_request, registry_url
+from celery_tq.registry.capture import from_headers, from_request, registry_url, run_of
 from celery_tq.registry.record import QUEUED, change
 from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
 from celery_tq.settings import TqSettings
@@ -157,6 +157,7 @@ class _Recorder:
         retries, fields = from_request(task.request)
         fields["tags"] = fields["tags"] or _task_tags(task)
         now = time.time()
+        fields.update(run_of(task.request, started=True))  # counted once, however often it is retried
         enqueue(store, change(task_id, "STARTED", retries, submitted_at=now, started_at=now, **fields))
 
     def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **kw: Any) -> None:
@@ -221,6 +222,7 @@ class _Recorder:
         if target is None or not task_id or (target[1] and not _ignores_result(sender)):
             return
         retries, fields = from_request(request)
+        fields.update(run_of(request, started=False))
         now = time.time()
         fields["name"] = fields["name"] or getattr(sender, "name", None)
         if retry:
