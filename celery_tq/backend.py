@@ -23,6 +23,7 @@ from kombu.utils.url import maybe_sanitize_url
 from celery_tq.chords import ChordsMixin
 from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
+from celery_tq.registry.call import bound_call
 from celery_tq.registry.capture import from_request, run_of
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
 from celery_tq.registry.writer import RETRY_FOR, enqueue, flush_pending, write_with_retry
@@ -170,7 +171,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         base: Any = super()  # celery-types leaves these helpers out
         meta = base._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = task_id
-        _bound_call(meta)
+        bound_call(meta)
         if state == states.SUCCESS:
             meta.pop("result", None)
             try:
@@ -299,21 +300,3 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             return None
         seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
         return seconds or None
-
-
-CALL_META_MAX = 1024  # bytes of JSON: larger args/kwargs are not copied into the record's meta
-
-
-def _bound_call(meta: dict[str, Any]) -> None:
-    """``result_extended`` copies the call's arguments into the meta: only small ones are kept
-    (the record's ``args_repr``/``kwargs_repr`` always say what the call was)."""
-    for key in ("args", "kwargs"):
-        value = meta.get(key)
-        if value is None:
-            continue
-        try:
-            size = len(dumps(value))
-        except (TypeError, ValueError):
-            size = CALL_META_MAX + 1
-        if size > CALL_META_MAX:
-            meta[key] = None

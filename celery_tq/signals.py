@@ -26,6 +26,7 @@ from kombu.utils.json import dumps
 from celery_tq import error_codec
 from celery_tq.errors import InvalidInput
 from celery_tq.registry import Store, store_for_url
+from celery_tq.registry.call import published_call
 from celery_tq.registry.capture import from_headers, from_request, registry_url, run_of
 from celery_tq.registry.record import QUEUED, change
 from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
@@ -133,7 +134,7 @@ class _Recorder:
         return target
 
     def on_published(
-        self, sender: Any = None, headers: Any = None, routing_key: Any = None, **kw: Any
+        self, sender: Any = None, headers: Any = None, routing_key: Any = None, body: Any = None, **kw: Any
     ) -> None:
         app = _publishing.get()
         if app is None or not headers or "id" not in headers:
@@ -143,6 +144,8 @@ class _Recorder:
             return
         retries = int(headers.get("retries") or 0)
         fields = from_headers(headers, routing_key)
+        if app.conf.result_extended:  # the call, if small: ``celery tq lost --resend`` can send it again
+            fields["meta"] = published_call(headers, body)
         enqueue(target[0], change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields))
 
     def on_started(self, sender: Any = None, task_id: str = "", task: Any = None, **kw: Any) -> None:

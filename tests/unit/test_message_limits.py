@@ -10,7 +10,7 @@ from celery import Celery
 
 import celery_tq
 from celery_tq.errors import InvalidInput
-from celery_tq.message_limits import _bounds, check_message
+from celery_tq.message_limits import check_message, json_bounds
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_size_bounds_hold_the_real_json_size(value: Any) -> None:
     from kombu.serialization import dumps
 
     body = ((value,), {"v": value}, {"callbacks": None})
-    low, high, walked = _bounds(body)
+    low, high, walked = json_bounds(body)
     size = len(dumps(body, serializer="json")[2])
     assert walked
     assert low <= size <= high
