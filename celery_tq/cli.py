@@ -255,7 +255,11 @@ def purge(ctx: click.Context, older_than: str | None) -> None:
     help="End each as FAILURE (ResourceUnavailable); with --resend: those not re-sent.",
 )
 @click.option(
-    "--limit", type=click.IntRange(1), default=10_000, show_default=True, help="QUEUED records looked at."
+    "--limit",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="QUEUED records looked at, newest first.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON list of the lost tasks and what was done."
