@@ -63,7 +63,7 @@ def published_call(headers: Mapping[str, Any], body: Any) -> str | None:
     limits = headers.get("timelimit")
     if limits and any(limits):
         options["timelimit"] = list(limits)
-    if embed:
+    if isinstance(embed, dict):
         options.update({key: embed[key] for key in _EMBED if embed.get(key)})
     call = {"args": args, "kwargs": kwargs, RESEND: options}
     if not _at_most(call, 3 * CALL_META_MAX):  # a big call costs one short walk, never its JSON
