@@ -113,7 +113,10 @@ def test_tasks_dropped_by_a_restarted_redis_are_listed_resent_and_marked(
     small = [setup.busy("a"), setup.busy("b", priority=9, tags={"vip"})]
     meta = str(echo.apply_async(("v",), priority=2, tags={"vip"}).id)
     big = setup.busy(BIG)
-    assert [setup.state(i) for i in (*small, meta, big)] == ["QUEUED"] * 4
+    add = setup.app.tasks["tqshop.add"]
+    chained = (add.s(1, 2) | add.s(10)).apply_async()  # the first task's message carries the rest
+    first = str(chained.parent.id)
+    assert [setup.state(i) for i in (*small, meta, big, first)] == ["QUEUED"] * 5
     assert setup.lost_ids() == {}  # every message is still queued
 
     server.kill()  # no persistence: the restarted server holds nothing
@@ -122,8 +125,8 @@ def test_tasks_dropped_by_a_restarted_redis_are_listed_resent_and_marked(
     assert setup.state(waiting) == "QUEUED"
 
     listed = setup.lost_ids()
-    assert set(listed) == {*small, meta, big}  # not the task still queued
-    assert [listed[i]["resendable"] for i in (*small, meta, big)] == [True, True, True, False]
+    assert set(listed) == {*small, meta, big, first}  # not the task still queued
+    assert [listed[i]["resendable"] for i in (*small, meta, big, first)] == [True, True, True, False, True]
     assert listed[small[1]]["queue"] == "tq.default" and listed[small[1]]["priority"] == 9
 
     resent = setup.tq("lost", "--older-than", "0s", "--resend")
@@ -140,6 +143,7 @@ def test_tasks_dropped_by_a_restarted_redis_are_listed_resent_and_marked(
         "broker_priority": 7,  # Redis: 9 - priority
         "queue": "tq.default",
     }
+    assert chained.get(timeout=60) == 13  # the chain goes on after the re-sent first task
     _wait_for(lambda: all(setup.state(i) == "SUCCESS" for i in (*small, waiting)))
     assert sorted(setup.runs()) == ["a", "b", "d"]  # each ran once; the big one never
     record = system_for(setup.app).registry.get(small[1])
