@@ -24,7 +24,8 @@ from celery_tq import celery_seam
 from celery_tq.chords import ChordsMixin
 from celery_tq.errors import ConfigurationError, StorageError
 from celery_tq.registry import Store, store_for_url
-from celery_tq.registry.capture import from_request
+from celery_tq.registry.call import bound_call
+from celery_tq.registry.capture import from_request, run_of
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
 from celery_tq.registry.writer import enqueue, flush_pending, write_with_retry
 from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
@@ -182,7 +183,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             super(), result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = task_id
-        _bound_call(meta)
+        bound_call(meta)
         if state == states.SUCCESS:
             meta.pop("result", None)
             try:
@@ -199,6 +200,8 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             meta["result"] = {k: v for k, v in result.items() if k != "tq"}
             if envelope.get("traceback"):
                 meta.pop("traceback", None)
+        if request is not None:  # a worker's run: counted once, however often its writes are retried
+            fields.update(run_of(request, started=state == states.STARTED))
         if state == states.RETRY:
             retries += 1  # the record counts retries already scheduled
         if state in states.READY_STATES:
@@ -309,21 +312,3 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             return None
         seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
         return seconds or None
-
-
-CALL_META_MAX = 1024  # bytes of JSON: larger args/kwargs are not copied into the record's meta
-
-
-def _bound_call(meta: dict[str, Any]) -> None:
-    """``result_extended`` copies the call's arguments into the meta: only small ones are kept
-    (the record's ``args_repr``/``kwargs_repr`` always say what the call was)."""
-    for key in ("args", "kwargs"):
-        value = meta.get(key)
-        if value is None:
-            continue
-        try:
-            size = len(dumps(value))
-        except (TypeError, ValueError):
-            size = CALL_META_MAX + 1
-        if size > CALL_META_MAX:
-            meta[key] = None

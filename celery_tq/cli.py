@@ -36,7 +36,7 @@ __all__ = ["tq"]
 
 @click.group(name="tq")
 def tq() -> None:
-    """celery-tq: the task registry (tasks, show, purge) and configuration checks."""
+    """celery-tq: the task registry (tasks, show, purge, lost) and configuration checks."""
 
 
 @tq.command(cls=CeleryCommand)
@@ -242,6 +242,99 @@ def purge(ctx: click.Context, older_than: str | None) -> None:
     seconds = _seconds(older_than) if older_than else system.settings.result_expires
     purged = system.registry.purge(seconds)
     click.echo(f"purged {purged} task record(s) older than {timedelta(seconds=seconds)}")
+
+
+@tq.command(cls=CeleryCommand)
+@click.option(
+    "--older-than", default="10m", show_default=True, help="QUEUED for longer than this (90s, 30m, 2h)."
+)
+@click.option("--resend", is_flag=True, help="Publish each again: same id, name, queue, priority, tags.")
+@click.option(
+    "--mark",
+    is_flag=True,
+    help="End each as FAILURE (ResourceUnavailable); with --resend: those not re-sent.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=10_000,
+    show_default=True,
+    help="QUEUED records looked at, newest first.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON list of the lost tasks and what was done."
+)
+@click.pass_context
+def lost(ctx: click.Context, older_than: str, resend: bool, mark: bool, limit: int, as_json: bool) -> None:
+    """List tasks lost in the broker: QUEUED longer than --older-than, no message left anywhere in
+    the broker (queues, reserved by a worker, waiting for an ETA). Redis and the embedded broker.
+
+    --resend publishes each again when its record kept the whole call (result_extended, arguments
+    up to 1 KiB of JSON), else says so and leaves it (exit 1); --mark ends each as FAILURE, so
+    get() raises ResourceUnavailable; both: re-send what can be, mark the rest."""
+    from celery_tq.recovery import lost as lost_tasks
+
+    seconds = _seconds(older_than)
+    app = ctx.obj.app
+    try:
+        registry = system_for(app).registry
+        found = lost_tasks.find_lost(app, registry, seconds, limit)
+    except Exception as exc:  # RabbitMQ, an unreachable broker or store, an app without tq
+        _fail(f"celery-tq lost: {exc}")
+    now = time.time()
+    done: list[dict[str, Any]] = []
+    left = 0
+    for task in found:
+        record = task.record
+        entry: dict[str, Any] = {
+            "id": record.id,
+            "name": record.name,
+            "queue": record.queue,
+            "priority": record.priority,
+            "tags": sorted(record.tags),
+            "submitted_at": record.submitted_at.isoformat() if record.submitted_at else None,
+            "age_seconds": round(task.age(now), 3),
+            "resendable": task.call is not None,
+            "action": "listed",
+        }
+        try:
+            if resend and task.call is not None:
+                lost_tasks.resend(app, task)
+                entry["action"] = "resent"
+            elif mark:
+                lost_tasks.mark(app, registry, task)
+                entry["action"] = "marked"
+            elif resend:
+                entry.update(action="left", reason="cannot re-send: arguments not kept")
+                left += 1
+        except Exception as exc:  # one task's failure never stops the others
+            entry.update(action="failed", reason=str(exc).splitlines()[0] if str(exc) else repr(exc))
+            left += 1
+        done.append(entry)
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+    else:
+        _print_lost(done, seconds, resend or mark)
+    if left:
+        sys.exit(1)
+
+
+def _print_lost(done: list[dict[str, Any]], seconds: float, acted: bool) -> None:
+    cut = timedelta(seconds=seconds)
+    if not done:
+        click.echo(f"no task lost in the broker (QUEUED longer than {cut} with no message left)")
+        return
+    if acted:
+        words = {"resent": "re-sent", "marked": "marked FAILURE: lost in the broker"}
+        for entry in done:
+            text = words.get(entry["action"]) or entry.get("reason") or entry["action"]
+            click.echo(f"{entry['id']} {entry['name'] or ''}: {text}")
+    else:
+        click.echo("\t".join(("id", "name", "queue", "age")))
+        for entry in done:
+            age = duration(entry["age_seconds"])
+            click.echo("\t".join((entry["id"], entry["name"] or "", entry["queue"] or "", age)))
+    click.echo(f"{len(done)} task(s) lost in the broker (QUEUED longer than {cut}, no message left)")
 
 
 def _state(state: str) -> str:

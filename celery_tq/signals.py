@@ -28,7 +28,8 @@ from celery_tq import error_codec
 from celery_tq.client.batch import after_send
 from celery_tq.errors import InvalidInput
 from celery_tq.registry import Store, store_for_url
-from celery_tq.registry.capture import from_headers, from_request, registry_url
+from celery_tq.registry.call import published_call
+from celery_tq.registry.capture import from_headers, from_request, registry_url, run_of
 from celery_tq.registry.record import QUEUED, change
 from celery_tq.registry.writer import enqueue, flush_all, write_with_retry
 from celery_tq.settings import settings_for
@@ -124,7 +125,7 @@ class _Recorder:
         return target
 
     def on_published(
-        self, sender: Any = None, headers: Any = None, routing_key: Any = None, **kw: Any
+        self, sender: Any = None, headers: Any = None, routing_key: Any = None, body: Any = None, **kw: Any
     ) -> None:
         app = _publishing.get()
         if app is None or not headers or "id" not in headers:
@@ -134,6 +135,8 @@ class _Recorder:
             return
         retries = int(headers.get("retries") or 0)
         fields = from_headers(headers, routing_key)
+        if app.conf.result_extended:  # the call, if small: ``celery tq lost --resend`` can send it again
+            fields["meta"] = published_call(headers, body)
         row = change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields)
         store = target[0]
         after_send(lambda: enqueue(store, row))  # once the message has left (a batched publish)
@@ -150,6 +153,7 @@ class _Recorder:
         retries, fields = from_request(task.request)
         fields["tags"] = fields["tags"] or _task_tags(task)
         now = time.time()
+        fields.update(run_of(task.request, started=True))  # counted once, however often it is retried
         enqueue(store, change(task_id, "STARTED", retries, submitted_at=now, started_at=now, **fields))
 
     def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **kw: Any) -> None:
@@ -214,6 +218,7 @@ class _Recorder:
         if target is None or not task_id or (target[1] and not _ignores_result(sender)):
             return
         retries, fields = from_request(request)
+        fields.update(run_of(request, started=False))
         now = time.time()
         fields["name"] = fields["name"] or getattr(sender, "name", None)
         if retry:

@@ -19,7 +19,7 @@ from kombu.serialization import dumps
 
 from celery_tq.errors import InvalidInput
 
-__all__ = ["MAX_ID", "MAX_NAME", "check_message"]
+__all__ = ["MAX_ID", "MAX_NAME", "check_message", "json_bounds"]
 
 MAX_ID = 155
 MAX_NAME = 255
@@ -58,7 +58,7 @@ def _check_text(what: str, value: Any, limit: int, task: str) -> None:
 
 
 def _check_size(task: str, body: Any, serializer: str, max_bytes: int) -> None:
-    low, high, walked = _bounds(body)
+    low, high, walked = json_bounds(body)
     if walked and high <= max_bytes:
         return
     measured = not walked or low <= max_bytes
@@ -76,7 +76,7 @@ def _check_size(task: str, body: Any, serializer: str, max_bytes: int) -> None:
     )
 
 
-def _bounds(body: Any) -> tuple[int, int, bool]:
+def json_bounds(body: Any) -> tuple[int, int, bool]:
     """(lower, upper) bounds of the JSON size of ``body``, and whether the walk finished."""
     low = high = 0
     stack = [body]

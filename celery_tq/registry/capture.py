@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
@@ -9,7 +10,11 @@ from celery import Celery
 from celery_tq.metadata import HEADER_PRIORITY, HEADER_TAGS, carried
 from celery_tq.settings import settings_for
 
-__all__ = ["from_headers", "from_request", "registry_url"]
+__all__ = ["RUN_KEY", "from_headers", "from_request", "registry_url", "run_of"]
+
+#: The id the worker's main process gives each run it hands to the pool (``TqRequest``); it
+#: reaches the run's request context, so every write of one run names the same run.
+RUN_KEY = "tq_run"
 
 
 def registry_url(app: Celery) -> str:
@@ -75,3 +80,16 @@ def _int(value: Any) -> int | None:
         return None if value is None else int(value)
     except (TypeError, ValueError):
         return None
+
+
+def run_of(request: Any, started: bool) -> dict[str, Any]:
+    """The run fields of a worker's write (``run_id``, ``deliveries``), counted once per run.
+
+    A run named by the main process (``tq_run``: tq tasks) is counted by any of its writes, so a
+    run whose process died before its buffered ``STARTED`` was written still counts (its
+    ``RETRY``/``FAILURE`` from the main process carries it). Other runs count by their ``STARTED``.
+    """
+    run = getattr(request, RUN_KEY, None)
+    if isinstance(run, str) and run:
+        return {"run_id": run, "deliveries": 1}
+    return {"run_id": os.urandom(8).hex(), "deliveries": 1} if started else {}

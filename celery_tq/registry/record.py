@@ -18,6 +18,7 @@ from typing import Any
 from celery_tq.errors import StorageError
 
 __all__ = [
+    "DELIVERIES",
     "DESCRIPTIVE",
     "FINAL",
     "OUTCOME",
@@ -31,6 +32,7 @@ __all__ = [
     "fold",
     "is_state_name",
     "merge",
+    "merge_deliveries",
     "progress_of",
     "supersedes",
     "to_record",
@@ -66,7 +68,12 @@ DESCRIPTIVE = (
 )
 # Facts of one attempt: a later attempt replaces them; an older write fills them only for its own.
 ATTEMPT = ("worker", "started_at")
-COLUMNS = ("id", *OUTCOME, *DESCRIPTIVE, *ATTEMPT, "submitted_at")
+# Runs counted: a run's writes carry ``run_id`` (one per run) and ``deliveries`` (the runs they
+# stand for, 1); the store adds them unless its last counted run is the same one, so a write
+# retried after a store error counts once (see :func:`merge_deliveries`, and
+# :func:`celery_tq.registry.capture.run_of` for which writes carry a run).
+DELIVERIES = ("deliveries", "run_id")
+COLUMNS = ("id", *OUTCOME, *DESCRIPTIVE, *ATTEMPT, "submitted_at", *DELIVERIES)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class TaskRecord:
     parent_id: str | None
     root_id: str | None
     group_id: str | None = None
+    #: How many times a worker started this task: each Celery retry and each redelivery (a worker
+    #: killed, a connection lost before the ack) adds one; ``started_at``/``worker`` are the last run's.
+    deliveries: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: times as ISO 8601, tags sorted."""
@@ -151,6 +161,18 @@ def is_state_name(state: str) -> bool:
     return 0 < len(state) <= STATE_MAX and state.isprintable() and not state.isspace()
 
 
+def merge_deliveries(old: Row, new: Row) -> tuple[Any, Any]:
+    """``(deliveries, run_id)`` after ``new``: a write without a run keeps the count; a run not
+    counted yet adds its runs; the run counted last (a retried write) is not counted again."""
+    run = new.get("run_id")
+    if run is None:
+        return old.get("deliveries"), old.get("run_id")
+    before, runs = int(old.get("deliveries") or 0), int(new.get("deliveries") or 0)
+    if old.get("run_id") == run:
+        return max(before, runs), run
+    return before + runs, run
+
+
 def change(task_id: str, state: str, retries: int = 0, **fields: Any) -> Row:
     """A write for one task: ``state`` at attempt ``retries`` plus whatever else is known."""
     tags = fields.pop("tags", None)
@@ -185,6 +207,7 @@ def merge(old: Row | None, new: Row) -> Row:
                 row[key] = old.get(key) if old.get(key) is not None or later else new.get(key)
         times = [t for t in (old.get("submitted_at"), new.get("submitted_at")) if t is not None]
         row["submitted_at"] = min(times) if times else None
+        row["deliveries"], row["run_id"] = merge_deliveries(old, new)
     if row.get("runtime") is None and row.get("finished_at") and row.get("started_at"):
         runtime = float(row["finished_at"]) - float(row["started_at"])
         row["runtime"] = runtime if runtime >= 0 else None
@@ -239,6 +262,7 @@ def to_record(row: Row) -> TaskRecord:
             parent_id=_opt_str(row.get("parent_id")),
             root_id=_opt_str(row.get("root_id")),
             group_id=_opt_str(row.get("group_id")),
+            deliveries=int(row.get("deliveries") or 0),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise StorageError(f"corrupt or foreign task record: {exc}", task_id) from exc

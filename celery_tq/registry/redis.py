@@ -79,6 +79,16 @@ else
       if old[f] ~= nil or later ~= 0 then row[f] = old[f] else row[f] = new[f] end
     end
   end
+  -- record.merge_deliveries: a write without a run keeps the count, a run counted last is not
+  -- counted again, any other run adds its runs
+  if new['run_id'] == nil then
+    row['deliveries'], row['run_id'] = old['deliveries'], old['run_id']
+  else
+    local od, nd = tonumber(old['deliveries']) or 0, tonumber(new['deliveries']) or 0
+    if old['run_id'] == new['run_id'] then row['deliveries'] = tostring(math.max(od, nd))
+    else row['deliveries'] = tostring(od + nd) end
+    row['run_id'] = new['run_id']
+  end
   local s1, s2 = tonumber(old['submitted_at']), tonumber(new['submitted_at'])
   if s1 and s2 then
     if s1 <= s2 then row['submitted_at'] = old['submitted_at']
@@ -124,7 +134,7 @@ return 1
 """
 )
 
-_INTS = ("priority", "progress", "retries")
+_INTS = ("priority", "progress", "retries", "deliveries")
 _FLOATS = ("submitted_at", "started_at", "finished_at", "runtime")
 
 

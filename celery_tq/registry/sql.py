@@ -51,8 +51,11 @@ from celery_tq.registry.sql_merge import NOTIFY_CHANNEL, tag_upsert_sqlite, task
 
 __all__ = ["SCHEMA_VERSION", "SqlStore"]
 
-SCHEMA_VERSION = 2  # 2: state names up to 64 characters (custom states); terminal states are final
+# 2: state names up to 64 characters (custom states); terminal states are final
+# 3: deliveries (runs started) and the id of the run counted last
+SCHEMA_VERSION = 3
 ID = String(155)
+RUN_ID_MAX = 64
 metadata = MetaData()
 tasks = Table(
     "tq_tasks",
@@ -78,6 +81,8 @@ tasks = Table(
     Column("parent_id", ID),
     Column("root_id", ID),
     Column("group_id", ID),
+    Column("deliveries", Integer),
+    Column("run_id", String(RUN_ID_MAX)),
     Index("tq_tasks_state", "state", "submitted_at"),
     Index("tq_tasks_name", "name", "submitted_at"),
     Index("tq_tasks_queue", "queue", "submitted_at"),
@@ -176,8 +181,11 @@ class SqlStore:
                         found = conn.execute(select(schema.c.version)).scalar()
                         if found is None:
                             conn.execute(insert(schema).values(version=SCHEMA_VERSION))
-                        elif found == 1:
-                            _migrate_from_1(conn, self.is_sqlite)
+                        elif found in (1, 2):
+                            if found == 1:
+                                _migrate_from_1(conn, self.is_sqlite)
+                            _migrate_from_2(conn, self.is_sqlite)
+                            conn.execute(update(schema).values(version=SCHEMA_VERSION))
                         elif found != SCHEMA_VERSION:
                             raise StorageError(
                                 f"registry schema version {found} in {self.url}; "
@@ -420,4 +428,13 @@ def _migrate_from_1(conn: Connection, is_sqlite: bool) -> None:
         .where(tasks.c.state.in_(TERMINAL), tasks.c.progress < FINAL)
         .values(progress=FINAL + func.coalesce(tasks.c.retries, 0) * 10)
     )
-    conn.execute(update(schema).values(version=SCHEMA_VERSION))
+
+
+def _migrate_from_2(conn: Connection, is_sqlite: bool) -> None:
+    """Version 2 to 3: the ``deliveries`` and ``run_id`` columns; a task that started counts one."""
+    present = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(tq_tasks)")} if is_sqlite else set()
+    exists_clause = "" if is_sqlite else "IF NOT EXISTS "
+    for name, kind in (("deliveries", "INTEGER"), ("run_id", f"VARCHAR({RUN_ID_MAX})")):
+        if name not in present:
+            conn.exec_driver_sql(f"ALTER TABLE tq_tasks ADD COLUMN {exists_clause}{name} {kind}")
+    conn.execute(update(tasks).where(tasks.c.started_at.is_not(None)).values(deliveries=1))

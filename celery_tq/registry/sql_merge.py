@@ -23,6 +23,7 @@ SQL_TYPES = {
     "priority": "int2",
     "progress": "int4",
     "retries": "int4",
+    "deliveries": "int4",
     "submitted_at": "float8",
     "started_at": "float8",
     "finished_at": "float8",
@@ -30,8 +31,11 @@ SQL_TYPES = {
 }
 
 
-def _merged(old: str, new: str, newer: str, later: str) -> dict[str, str]:
-    """Each column's merged value as SQL; ``newer``/``later`` are SQL for the rule's two facts."""
+def _merged(
+    old: str, new: str, newer: str, later: str, times: tuple[str, str] | None = None
+) -> dict[str, str]:
+    """Each column's merged value as SQL; ``newer``/``later`` are SQL for the rule's two facts,
+    ``times`` SQL for the merged ``(started_at, finished_at)`` when computed once elsewhere."""
     merged: dict[str, str] = {}
     for col in OUTCOME:
         merged[col] = f"CASE WHEN {newer} THEN {new}.{col} ELSE {old}.{col} END"
@@ -51,11 +55,21 @@ def _merged(old: str, new: str, newer: str, later: str) -> dict[str, str]:
     merged["submitted_at"] = (
         f"CASE WHEN {o} IS NULL THEN {n} WHEN {n} IS NULL THEN {o} WHEN {n} < {o} THEN {n} ELSE {o} END"
     )
+    if times is not None:
+        merged["started_at"], merged["finished_at"] = times
     runtime, finished, started = merged["runtime"], merged["finished_at"], merged["started_at"]
     # NULL in a comparison is NULL, so a missing time leaves the runtime NULL
     merged["runtime"] = (
         f"COALESCE({runtime}, CASE WHEN {finished} >= {started} THEN {finished} - {started} END)"
     )
+    # record.merge_deliveries: a write without a run keeps the count, a run counted last is not
+    # counted again, any other run adds its runs
+    od, nd = f"COALESCE({old}.deliveries, 0)", f"COALESCE({new}.deliveries, 0)"
+    merged["deliveries"] = (
+        f"CASE WHEN {new}.run_id IS NULL THEN {old}.deliveries WHEN {old}.run_id = {new}.run_id "
+        f"THEN (CASE WHEN {nd} > {od} THEN {nd} ELSE {od} END) ELSE {od} + {nd} END"
+    )
+    merged["run_id"] = f"COALESCE({new}.run_id, {old}.run_id)"
     return merged
 
 
@@ -73,13 +87,16 @@ _SQLITE_SET = ", ".join(
     for col, value in _merged("tq_tasks", "excluded", *_facts("tq_tasks", "excluded")).items()
     if col in _UPDATED
 )
-# PostgreSQL: the facts computed once in a sub-select (and a statement short enough for psycopg
-# to cache its parsed form: it re-parses statements longer than 4 KiB on every execution).
-_PG_MERGED = _merged("o", "excluded", "m.nw", "m.lt")
+# PostgreSQL: the facts, then the merged times, computed once in sub-selects (and a statement
+# short enough for psycopg to cache its parsed form: it re-parses statements longer than 4 KiB
+# on every execution; tests/unit/test_merge_rule.py checks the length).
 _PG_NEWER, _PG_LATER = _facts("o", "excluded")
+_PG_TIMES = _merged("o", "excluded", "f.nw", "f.lt")
+_PG_MERGED = _merged("o", "excluded", "m.nw", "m.lt", times=("m.st", "m.fi"))
 _PG_SET = (
     f"({', '.join(_UPDATED)}) = (SELECT {', '.join(_PG_MERGED[c] for c in _UPDATED)} "
-    f"FROM (SELECT {_PG_NEWER} AS nw, {_PG_LATER} AS lt) AS m)"
+    f"FROM (SELECT f.nw, f.lt, {_PG_TIMES['started_at']} AS st, {_PG_TIMES['finished_at']} AS fi "
+    f"FROM (SELECT {_PG_NEWER} AS nw, {_PG_LATER} AS lt) AS f) AS m)"
 )
 
 

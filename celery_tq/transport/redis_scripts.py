@@ -17,7 +17,9 @@ leading ``"redelivered": true`` key in its JSON envelope, which the consumer tur
 
 from __future__ import annotations
 
-__all__ = ["ADOPT", "FETCH", "RECOVER", "RESTORE"]
+__all__ = ["ADOPT", "FETCH", "PROC_PREFIX", "RECOVER", "RESTORE"]
+
+PROC_PREFIX = "_tq.proc."  # + "<cid>|<src>": a consumer's processing list (read by celery_tq.recovery.scan)
 
 _COMMON = """
 local P = ARGV[1]

@@ -25,6 +25,7 @@ starts about ``tq_worker_lost_delay`` + 0.5 s after the process died.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -37,6 +38,7 @@ from celery.worker.state import task_ready
 from celery_tq import celery_seam
 from celery_tq.client.publish import HEADER_LOST
 from celery_tq.errors import WorkerLost
+from celery_tq.registry.capture import RUN_KEY
 from celery_tq.result_errors import ENDED
 from celery_tq.settings import settings_for
 
@@ -57,6 +59,12 @@ def lost_count(context: Any) -> int:
 
 class TqRequest(Request):
     """Celery's request, with celery-tq's bounded, quick re-run after a lost pool process."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Names this run in its request context: every registry write of the run (the pool's
+        # STARTED, this process's RETRY/FAILURE after a lost process) counts it once.
+        self.request_dict[RUN_KEY] = os.urandom(8).hex()
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
         exc = getattr(exc_info, "exception", None)

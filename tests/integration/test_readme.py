@@ -85,7 +85,7 @@ def run(path: Path, argv: list[str], timeout: float = 120) -> subprocess.Complet
 
 def test_readme_lists_the_tq_commands_it_shows() -> None:
     commands = readme_tq_commands()
-    for sub in ("check", "tasks", "show", "status", "purge", "exporter"):
+    for sub in ("check", "tasks", "show", "status", "purge", "lost", "exporter"):
         assert any(c.split()[4] == sub for c in commands), f"README shows no `tq {sub}`"
 
 

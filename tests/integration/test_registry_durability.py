@@ -48,6 +48,11 @@ APP = textwrap.dedent(
     def work(self, i):
         time.sleep(0.01)
         return {"i": i, "pid": os.getpid()}
+
+    @app.task(name="dur.slow", shared=False)
+    def slow(seconds):
+        time.sleep(seconds)
+        return seconds
     """
 )
 
@@ -135,3 +140,29 @@ def test_kill_9_of_pool_processes_loses_no_result(durable: Durable, tmp_path: Pa
         worker.stop()
     assert all(records[t].result["i"] == i for i, t in enumerate(ids))  # type: ignore[attr-defined]
     assert "exited with 'signal 9 (SIGKILL)'" in worker.log  # the kills hit the pool
+
+
+def test_a_run_redelivered_after_kill_9_counts_two_deliveries_and_shows_the_last_run(
+    durable: Durable, tmp_path: Path
+) -> None:
+    app, registry, env = durable
+    slow = app.tasks["dur.slow"]  # type: ignore[attr-defined]
+    first = WorkerProcess("durapp", concurrency=2, env=env, cwd=tmp_path, hostname="first@tq").start()
+    result = slow.delay(2.0)
+    deadline = time.monotonic() + 30
+    while (record := registry.get(result.id)) is None or record.state != "STARTED":
+        assert time.monotonic() < deadline, f"the task did not start: {record}"
+        time.sleep(0.05)
+    assert (record.deliveries, record.worker) == (1, "first@tq")
+    first.kill()  # mid-run: the heartbeat expires and the message is recovered
+    killed_at = time.time()
+    second = WorkerProcess("durapp", concurrency=2, env=env, cwd=tmp_path, hostname="second@tq").start()
+    try:
+        assert result.get(timeout=60) == 2.0
+    finally:
+        second.stop()
+    record = registry.get(result.id)
+    assert record is not None
+    assert (record.state, record.deliveries, record.retries, record.worker) == ("SUCCESS", 2, 0, "second@tq")
+    assert record.started_at is not None and record.started_at.timestamp() > killed_at
+    assert record.runtime is not None and record.runtime < 10

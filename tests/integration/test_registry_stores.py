@@ -205,3 +205,30 @@ def test_the_redis_store_reloads_its_script_after_a_script_flush(tmp_path: Path)
         assert [r["state"] for r in store.read(["a", "b"])] == ["SUCCESS", "SUCCESS"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_version_2_schema_gains_deliveries_and_keeps_its_records(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from celery_tq.registry.sql import SCHEMA_VERSION, SqlStore
+
+    url = store_url(kind, request, tmp_path)
+    old = SqlStore(url)
+    old.write([change("ran", "SUCCESS", 0, submitted_at=1.0, started_at=2.0, finished_at=3.0)])
+    old.write([change("waits", "QUEUED", 0, submitted_at=1.0)])
+    with old.engine.begin() as conn:  # what celery-tq 0.x with schema version 2 left behind
+        for column in ("deliveries", "run_id"):
+            conn.exec_driver_sql(f"ALTER TABLE tq_tasks DROP COLUMN {column}")
+        conn.exec_driver_sql("UPDATE tq_schema SET version = 2")
+    old.close()
+    store = SqlStore(url)
+    registry = Registry(store)
+    ran, waits = registry.get("ran"), registry.get("waits")
+    assert ran is not None and waits is not None
+    assert (ran.state, ran.deliveries, waits.deliveries) == ("SUCCESS", 1, 0)
+    store.write([change("waits", "STARTED", 0, worker="w", run_id="r1", deliveries=1)])
+    assert registry.get("waits").deliveries == 1  # type: ignore[union-attr]
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version FROM tq_schema").scalar() == SCHEMA_VERSION
+    store.close()

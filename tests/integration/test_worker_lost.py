@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from celery_tq import errors
+from celery_tq.system import system_for
 
 from .conftest import Shop
 
@@ -44,6 +45,9 @@ def test_task_whose_process_is_killed_runs_again_within_five_seconds(
     assert runs[1][2] - killed_at < 5
     record = production_shop.app.backend.get_task_meta(victim.id)
     assert record["status"] == "SUCCESS" and record["retries"] == 1
+    registered = system_for(production_shop.app).registry.get(victim.id)
+    assert registered is not None and registered.deliveries == 2  # the killed run and the re-run
+    assert registered.started_at is not None and registered.started_at.timestamp() >= runs[1][2] - 1
     others = [busy.delay(f"other{i}", 0.1) for i in range(4)]  # the pool is whole again
     assert [r.get(timeout=30) for r in others] == [f"other{i}" for i in range(4)]
 

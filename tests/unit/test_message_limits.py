@@ -9,7 +9,7 @@ import pytest
 from celery import Celery
 
 import celery_tq
-from celery_tq.client.limits import _bounds, check_message
+from celery_tq.client.limits import check_message, json_bounds
 from celery_tq.errors import InvalidInput
 
 
@@ -116,7 +116,7 @@ def test_size_bounds_hold_the_real_json_size(value: Any) -> None:
     from kombu.serialization import dumps
 
     body = ((value,), {"v": value}, {"callbacks": None})
-    low, high, walked = _bounds(body)
+    low, high, walked = json_bounds(body)
     size = len(dumps(body, serializer="json")[2])
     assert walked
     assert low <= size <= high
