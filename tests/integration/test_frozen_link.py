@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.integration.test_redis_transport import PROXY
 from tests.ports import free_port
+from tests.tcp_proxy import PROXY
 
 from .conftest import Shop
 

@@ -25,6 +25,7 @@ from tests.conftest import REDIS_TRANSPORT_DB, REDIS_UNIT_DB
 from tests.integration.redis_runs import Run, check_complete, send
 from tests.ports import free_port
 from tests.private_redis import PrivateRedis
+from tests.tcp_proxy import PROXY
 
 DB = REDIS_TRANSPORT_DB
 N_TASKS = 2000
@@ -39,40 +40,6 @@ tq = celery_tq.install(app, preset="production")
 @tq.task(name="rt.hello")
 def hello(x):
     return x
-"""
-
-PROXY = """
-import signal, socket, sys, threading
-listen, target = int(sys.argv[1]), int(sys.argv[2])
-links = []
-
-def pipe(src, dst, frozen):
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            if frozen.is_set():
-                threading.Event().wait()  # half-open: the bytes never arrive
-            dst.sendall(data)
-    except OSError:
-        pass
-    for s in (src, dst):
-        try:
-            s.close()
-        except OSError:
-            pass
-
-signal.signal(signal.SIGUSR1, lambda *a: [f.set() for f in links])
-server = socket.create_server(("127.0.0.1", listen))
-print("ready", flush=True)
-while True:
-    client, _ = server.accept()
-    upstream = socket.create_connection(("127.0.0.1", target))
-    frozen = threading.Event()
-    links.append(frozen)
-    threading.Thread(target=pipe, args=(client, upstream, frozen), daemon=True).start()
-    threading.Thread(target=pipe, args=(upstream, client, frozen), daemon=True).start()
 """
 
 
