@@ -125,6 +125,17 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
         time.sleep(seconds)
         return label
 
+    @tq.task(name="tqshop.ledger", shared=False)
+    def ledger(label: str, seconds: float) -> str:
+        """Append "start <label>" and, once it has worked, "done <label>" to $TQ_DATA_DIR/ledger.log."""
+        path = os.path.join(os.environ["TQ_DATA_DIR"], "ledger.log")
+        with open(path, "a") as f:
+            f.write(f"start {label}\n")
+        time.sleep(seconds)
+        with open(path, "a") as f:
+            f.write(f"done {label}\n")
+        return label
+
     @tq.task(name="tqshop.celery_limited", shared=False, soft_time_limit=1, time_limit=3)
     def celery_limited(seconds: float) -> float:
         """Celery's own time limits, no tq timeout."""
