@@ -14,6 +14,7 @@ and the publish hook differ from plain Celery) and on ``tq+redis://``, which the
 uses on Redis.
 
 Usage: python benchmarks/registry.py [--tasks 3000] [--rounds 3] [--calls 500] [--trips 200]
+       [--latency-only] [--redis-db 14]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from celery_tq.testing import WorkerProcess  # noqa: E402
 
 REDIS = "redis://127.0.0.1:6379"
-BROKER_DB, RESULT_DB = 14, 15  # the test suite's transport databases: never run both at once
+BROKER_DB, RESULT_DB = 14, 15  # --redis-db moves them (the test suite uses 12..15 by default)
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -245,13 +246,16 @@ def rabbitmq_vhost() -> str:
 
 
 def main() -> None:
+    global BROKER_DB, RESULT_DB
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--trips", type=int, default=200)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput rounds")
+    parser.add_argument("--redis-db", type=int, default=14, help="Redis dbs N (broker) and N+1")
     args = parser.parse_args()
+    BROKER_DB, RESULT_DB = args.redis_db, args.redis_db + 1
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv), flush=True)
     import subprocess
 
