@@ -64,7 +64,8 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         """Celery's polling loop, woken by the store where it can (Redis pub/sub, PostgreSQL NOTIFY).
 
         The store starts listening before it reads the task's state, so a result that is not
-        ready yet costs two reads: one once listening, one when woken. Without a wake-up the poll
+        ready yet costs two reads: one once listening, one when woken (on PostgreSQL the wake-up
+        carries the record when it fits in a notification: one read). Without a wake-up the poll
         starts at 0.5 ms and doubles up to ``tq_result_poll_interval`` (default 20 ms), so a short
         task's result is seen within about its own run time.
         """
@@ -85,7 +86,8 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             )
             meta = read.pop(task_id, None)
             if meta is None or meta["status"] not in ENDED:  # not read since the outcome was written
-                meta = self._meta_before(task_id, deadline)
+                row = self.store.notified_row(task_id) if woken else None  # PostgreSQL: in the notice
+                meta = self._meta_before(task_id, deadline) if row is None else self._meta_from_row(row)
             if meta["status"] in states.READY_STATES:
                 if on_interval:
                     # ``get()`` checks the parents here: a failed parent's own error comes first,
@@ -222,6 +224,9 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         row = self.store.read([task_id])[0]
         if row is None:
             return {"status": states.PENDING, "result": None}
+        return self._meta_from_row(row)
+
+    def _meta_from_row(self, row: Row) -> dict[str, Any]:
         return dict(self.meta_from_decoded(self._meta_of(row)))
 
     def _meta_of(self, row: Row) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def production() -> Settings:
         ),
         "task_reject_on_worker_lost": True,
         "task_retry_on_worker_lost": True,
-        "broker_heartbeat": 10,
+        "broker_heartbeat": 6,
         "broker_transport_options": {
             "confirm_publish": True,
             # For a sentinel:// TQ_BROKER_URL: the name in `sentinel monitor <name> ...`.

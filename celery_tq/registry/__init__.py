@@ -37,6 +37,10 @@ class Store(Protocol):
         store cannot wake a waiter (the caller then polls). ``is_ready`` is checked after the
         store starts listening, so a write in between is never missed."""
 
+    def notified_row(self, task_id: str) -> Row | None:
+        """The merged row that the last wake-up for ``task_id`` carried (taken once), or None:
+        the caller then reads it."""
+
     def query(self, query: Query) -> list[Row]:
         """Rows matching ``query``, newest ``submitted_at`` first, at most ``query.limit``."""
 

@@ -153,6 +153,9 @@ class RedisStore:
         self._pubsub: Any = None
         self._wait_lock = threading.Lock()
 
+    def notified_row(self, task_id: str) -> Row | None:
+        return None  # a wake-up here carries no row: the caller reads it
+
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """Return when ``task_id``'s terminal state is written (the merge script publishes it on
         ``tq:done:<id>``) or after ``seconds``; ``is_ready`` closes the race with the subscription."""

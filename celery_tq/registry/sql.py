@@ -47,7 +47,13 @@ from celery_tq.errors import StorageError
 from celery_tq.registry.kvlist import by_score, scored
 from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, fold
 from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
-from celery_tq.registry.sql_merge import NOTIFY_CHANNEL, tag_upsert_sqlite, task_upsert
+from celery_tq.registry.sql_merge import (
+    NOTIFY_CHANNEL,
+    notice_id,
+    parse_notice,
+    tag_upsert_sqlite,
+    task_upsert,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqlStore"]
 
@@ -130,7 +136,7 @@ class SqlStore:
         self.direct = DirectConnection(parsed, self.is_sqlite)
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self._listener: Any = None
-        self._seen_done: dict[str, None] = {}
+        self._seen_done: dict[str, str] = {}  # task id: its tq_done payload
         self._wait_lock = threading.Lock()
         self._ready = False
         self._lock = threading.Lock()
@@ -154,13 +160,14 @@ class SqlStore:
             try:
                 if self._listener is None or self._listener.closed:
                     self._listener = self.direct.open_listener(NOTIFY_CHANNEL)
-                if task_id in self._seen_done or is_ready(task_id):
+                self._seen_done.pop(task_id, None)  # noticed before this wait: a read is fresher
+                if is_ready(task_id):
                     return True
                 for notice in self._listener.notifies(timeout=seconds):
-                    self._seen_done[notice.payload] = None
-                    if len(self._seen_done) > 10_000:  # done ids another waiter of this process may want
+                    self._seen_done[notice_id(notice.payload)] = notice.payload  # row parsed if asked
+                    if len(self._seen_done) > 4_096:  # done ids another waiter of this process may want
                         del self._seen_done[next(iter(self._seen_done))]
-                    if notice.payload == task_id:
+                    if task_id in self._seen_done:
                         break
             except Exception:  # a lost listener: the caller polls again; a new one next time
                 listener, self._listener = self._listener, None
@@ -169,6 +176,12 @@ class SqlStore:
                         listener.close()
                 time.sleep(min(seconds, 0.1))
         return True
+
+    def notified_row(self, task_id: str) -> Row | None:
+        """The merged row the wake-up for ``task_id`` carried (once), or None: then read it."""
+        with self._wait_lock:
+            payload = self._seen_done.pop(task_id, None)
+        return None if payload is None else parse_notice(payload)[1]
 
     def _ensure_schema(self) -> None:
         if self._ready:
@@ -224,8 +237,16 @@ class SqlStore:
                     raise
                 conn.execute("COMMIT")
         else:
+            # Only a write that ends a task waits for PostgreSQL's WAL flush: QUEUED, STARTED and
+            # progress states commit asynchronously (visible at once; a PostgreSQL crash can lose
+            # the last fraction of a second of them, never an outcome). Through PgBouncer a
+            # session setting would leak to other clients: the server's setting applies there.
+            durable = any(int(r["progress"]) >= FINAL for r in folded.values())
+            pooled = self.through_pgbouncer
 
             def work(conn: Any) -> None:
+                if not pooled:
+                    self.direct.synchronous_commit(conn, durable)
                 conn.execute(statement, params)
 
         self.direct.run(work)

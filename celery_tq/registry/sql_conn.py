@@ -73,6 +73,13 @@ class DirectConnection:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pid = 0
+        self._durable: bool | None = None  # this connection's synchronous_commit, once set
+
+    def synchronous_commit(self, conn: Any, durable: bool) -> None:
+        """Set ``synchronous_commit`` of this session (within :meth:`run`) when it changes."""
+        if self._durable is not durable:
+            conn.execute(f"SET synchronous_commit = {'on' if durable else 'off'}")
+            self._durable = durable
 
     def run(self, work: Callable[[Any], T]) -> T:
         """``work(dbapi_connection)``, once more on a fresh connection if this one was broken."""
@@ -102,7 +109,7 @@ class DirectConnection:
 
     def _connection(self) -> Any:
         if self._conn is None or self._pid != os.getpid():
-            self._conn, self._pid = self._open(), os.getpid()
+            self._conn, self._pid, self._durable = self._open(), os.getpid(), None
         return self._conn
 
     def _open(self) -> Any:

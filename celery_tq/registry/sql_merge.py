@@ -10,13 +10,15 @@ Python rule and the Redis store's Lua against one table of cases.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
-from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME
+from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME, Row
 
-__all__ = ["NOTIFY_CHANNEL", "SQL_TYPES", "tag_upsert_sqlite", "task_upsert"]
+__all__ = ["NOTIFY_CHANNEL", "SQL_TYPES", "notice_id", "parse_notice", "tag_upsert_sqlite", "task_upsert"]
 
 NOTIFY_CHANNEL = "tq_done"
+NOTICE_ROW_MAX = 7_300  # bytes of row JSON a notice carries: with an id of 155 characters, under 8,000
 
 # Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
 SQL_TYPES = {
@@ -122,16 +124,46 @@ def task_upsert(dialect: str, rows: int) -> str:
         return upsert
     # The task row stays locked by this statement until it commits, so two writers of one task
     # write its tag rows in the order they merged it: the tag rows carry its latest state.
-    # A terminal write also notifies ``tq_done`` (delivered at commit) with the task id: it
-    # wakes a client waiting in ``get()``.
+    # A terminal write also notifies ``tq_done`` (delivered at commit): it wakes a client waiting
+    # in ``get()``, and carries the merged row when it fits, so that client need not read it
+    # (payload: see :func:`parse_notice`).
     return (
-        f"WITH up AS ({upsert} RETURNING id, state, progress, submitted_at, tags), "
+        f"WITH up AS ({upsert} RETURNING o.*), "
         "tagged AS (INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
         "SELECT up.id, t.tag, up.state, up.submitted_at FROM up "
         "CROSS JOIN LATERAL jsonb_array_elements_text(up.tags::jsonb) AS t(tag) "
         "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT + ") "
-        f"SELECT pg_notify('{NOTIFY_CHANNEL}', up.id) FROM up WHERE up.progress >= {FINAL}"
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', length(up.id) || ':' || up.id || CASE WHEN "
+        f"octet_length(j::text) <= {NOTICE_ROW_MAX} THEN j::text ELSE '' END) "
+        f"FROM up, json_strip_nulls(row_to_json(up)) AS j WHERE up.progress >= {FINAL}"
     )
+
+
+def notice_id(payload: str) -> str:
+    """The task id of a ``tq_done`` payload (see :func:`parse_notice`), without parsing its row."""
+    size, colon, rest = payload.partition(":")
+    if colon and size.isdigit() and int(size) <= len(rest):
+        return rest[: int(size)]
+    return payload
+
+
+def parse_notice(payload: str) -> tuple[str, Row | None]:
+    """``(task id, merged row or None)`` from a ``tq_done`` payload: ``<len(id)>:<id>[<row JSON>]``.
+
+    The row is left out when it would not fit PostgreSQL's 8,000-byte payload; a payload of a bare
+    id (what earlier celery-tq releases sent) or one that does not parse gives no row.
+    """
+    task_id = notice_id(payload)
+    body = payload[payload.index(":") + 1 + len(task_id) :] if task_id != payload else ""
+    if not body:
+        return task_id, None
+    try:
+        row = json.loads(body)
+    except (ValueError, RecursionError):
+        return task_id, None
+    if not isinstance(row, dict) or row.get("id") != task_id:
+        return task_id, None
+    return task_id, {c: row[c] for c in COLUMNS if row.get(c) is not None}  # as a read gives it
 
 
 def tag_upsert_sqlite(task_ids: Sequence[str]) -> str:

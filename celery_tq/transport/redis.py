@@ -37,7 +37,7 @@ What differs is consuming (scripts in :mod:`celery_tq.transport.redis_scripts`):
 * **One client per connection**: no ``redis.Redis`` built per call.
 
 Transport options (besides kombu's Redis ones): ``heartbeat_interval`` (2), ``heartbeat_ttl``
-(15), ``recover_interval`` (5), ``recover_limit`` (1000), ``fetch_limit`` (100), ``max_hold``
+(12), ``recover_interval`` (3), ``recover_limit`` (1000), ``fetch_limit`` (100), ``max_hold``
 (None). Defaults differ from kombu's for ``socket_timeout`` (30), ``socket_connect_timeout``
 (10) and ``health_check_interval`` (10), so a frozen link is noticed.
 
@@ -190,8 +190,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     QoS = QoS
 
     heartbeat_interval = 2.0
-    heartbeat_ttl = 15.0
-    recover_interval = 5.0
+    heartbeat_ttl = 12.0
+    recover_interval = 3.0
     recover_limit = 1000
     fetch_limit = 100
     max_hold: float | None = None

@@ -4,8 +4,8 @@ one PostgreSQL registry; host 0 is lost, cut off or loses power while tasks run.
 Each test checks what the ledger (written by the tasks themselves) and the registry say: nothing
 lost, every record SUCCESS, no task run twice unless it had started when the fault hit (at most
 one), and the healthy hosts never stalled. Redelivery times are measured by benchmarks/fleet.py.
-A partition lasts 35 s, longer than the tq+redis heartbeat TTL (15 s) and than RabbitMQ's
-missed-heartbeat window (broker_heartbeat 10 s).
+A partition lasts 35 s, longer than the tq+redis heartbeat TTL (12 s) and than RabbitMQ's
+missed-heartbeat window (broker_heartbeat 6 s).
 """
 
 from __future__ import annotations

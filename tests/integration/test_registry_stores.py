@@ -192,6 +192,31 @@ def test_a_waiter_is_woken_by_the_outcome_write_where_the_store_can(store: Store
     assert woke == [not store.url.startswith("sqlite")]  # SQLite cannot wake anyone: callers poll
 
 
+@pytest.mark.parametrize("size", ["small", "past a notification's 8,000 bytes"])
+def test_the_postgresql_wake_up_carries_the_record_a_read_would_give(
+    size: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    store = store_for_url(store_url("postgresql", request, tmp_path))
+    result = json.dumps("x" * (20 if size == "small" else 9_000))
+    store.write([change("n 1", "QUEUED", 0, submitted_at=time.time(), tags=("vip",), name="shop.charge")])
+    woke: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: woke.append(store.wait_for_outcome("n 1", 30.0, lambda _: False))
+    )
+    waiter.start()
+    time.sleep(0.3)  # listening by now
+    store.write([change("n 1", "SUCCESS", 0, submitted_at=time.time(), result=result, worker="w1")])
+    waiter.join(10.0)
+    assert woke == [True]
+    carried = store.notified_row("n 1")
+    if size == "small":
+        assert carried == store.read(["n 1"])[0]  # same columns, types and values
+        assert carried is not None and (carried["state"], carried["result"]) == ("SUCCESS", result)
+    else:
+        assert carried is None  # too big for the notification: the caller reads it
+    assert store.notified_row("n 1") is None  # taken once
+
+
 def test_the_redis_store_reloads_its_script_after_a_script_flush(tmp_path: Path) -> None:
     server = PrivateRedis(tmp_path)  # SCRIPT FLUSH is server-wide: never on the shared Redis
     server.start()
