@@ -37,6 +37,11 @@ def _common() -> Settings:
         "task_track_started": True,
         "result_extended": True,
         "broker_connection_retry_on_startup": True,
+        # Celery 5.5+ declares a worker's remote-control (pidbox) queue exclusive to its connection.
+        # A worker that reconnects before RabbitMQ has closed its old connection (a dropped or
+        # frozen link) then gets RESOURCE_LOCKED and stops with "Unrecoverable error". Not
+        # exclusive, the queue still goes with its last consumer (auto-delete, control_queue_expires).
+        "control_queue_exclusive": False,
     }
 
 
