@@ -16,8 +16,9 @@ The configurations:
 - ``installed``: the same, the app passed through ``celery_tq.install(app, preset="production")``
   with ``TqTask`` as its task class (``celery_suite_plugin.py``), as a user would.
 
-The suite skips tests gated on ``result_backend.startswith("redis")`` (or ``broker_url``); they use
-Redis only as a side channel, so the gate is read with a ``tq+`` prefix removed. ``RACES`` are
+The suite skips tests gated on ``result_backend.startswith("redis")`` (or ``broker_url``, or a
+broker URL's scheme); they use Redis only as a side channel (or, in test_connection_recovery, a
+TCP proxy to it), so the gate is read with a ``tq+`` prefix removed. ``RACES`` are
 races in the suite's own tests, fixed in the copy every configuration runs (plain Celery's too).
 A failure in a tq configuration that plain Celery does not have is a regression, unless
 ``celery_suite_differences.txt`` lists the test as a documented deliberate difference (README,
@@ -61,6 +62,7 @@ CONFIGS = {
     "installed": ("tq+redis://{redis}/1", "tq+redis://{redis}/2", "install"),
 }
 GATE = re.compile(r"\.(result_backend|broker_url)\.startswith\(")
+SCHEME_GATE = re.compile(r"urlparse\((\w+)\)\.scheme (!=|==) ")  # test_connection_recovery's
 # (file, text, replacement): races in the suite's tests, fixed for every configuration alike.
 RACES = [
     # test_replaced_task_nesting_level_0 resets the flag its task_received handler sets only after
@@ -105,6 +107,9 @@ def patch_suite(tests: Path) -> None:
     for test_file in tests.glob("*.py"):
         text = test_file.read_text()
         patched = GATE.sub(lambda m: f".{m.group(1)}.removeprefix('tq+').startswith(", text)
+        patched = SCHEME_GATE.sub(
+            lambda m: f"urlparse({m.group(1)}).scheme.removeprefix('tq+') {m.group(2)} ", patched
+        )
         for name, race, fixed in RACES:
             if test_file.name == name and race in patched:
                 patched = patched.replace(race, fixed)

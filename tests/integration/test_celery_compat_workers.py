@@ -85,16 +85,16 @@ def test_an_ignored_result_reads_pending_while_the_registry_keeps_the_outcome(tq
 def test_a_running_task_revoked_with_terminate_ends_revoked_and_the_worker_goes_on(tq_shop: Shop) -> None:
     tq_shop.start_worker(concurrency=1)
     tasks = tq_shop.app.tasks
-    running = tasks["tqshop.sleep"].delay(60)
-    deadline = time.monotonic() + 30
+    running = tasks["tqshop.sleep"].delay(120)
+    deadline = time.monotonic() + 60
     while running.state != "STARTED":
         assert time.monotonic() < deadline, f"the task did not start (last {running.state})"
         time.sleep(0.05)
     running.revoke(terminate=True)
     with pytest.raises(TaskRevokedError) as caught:  # what code written for plain Celery catches
-        running.get(timeout=30)
+        running.get(timeout=60)
     assert isinstance(caught.value, errors.Cancelled)
     assert running.state == "REVOKED"
     record = celery_tq.system_for(tq_shop.app).registry.get(running.id)
     assert record is not None and record.state == "REVOKED"
-    assert tasks["tqshop.add"].delay(1, 2).get(timeout=30) == 3  # the one pool process was replaced
+    assert tasks["tqshop.add"].delay(1, 2).get(timeout=60) == 3  # the one pool process was replaced
