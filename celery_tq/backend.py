@@ -34,18 +34,19 @@ from celery_tq.settings import settings_for
 __all__ = ["TqBackend"]
 
 
-def _traced_start(result: Any, request: Any) -> bool:
-    """Whether a ``STARTED`` is the one Celery's tracer stores as a run begins: with the run's
-    request, as ``{"pid": <pool process>, "hostname": <the request's worker>}`` (celery/app/trace.py,
-    Celery 5.7). Any other ``STARTED`` (``update_state``, ``mark_as_started``, a client's
-    ``store_result``) is written before the call returns."""
+def _traced_start(task_id: str, result: Any, request: Any) -> bool:
+    """Whether a ``STARTED`` is the one Celery's tracer stores as a run begins: with the request
+    of that task's own run, as ``{"pid": <pool process>, "hostname": <worker>}`` (celery/app/trace.py,
+    Celery 5.7; the hostname is not always the request's: Celery's test worker and the in-process
+    one differ). Any other ``STARTED`` (``update_state`` of another shape, ``mark_as_started``,
+    a client's ``store_result`` or ``update_state``) is written before the call returns."""
     return (
         request is not None
+        and getattr(request, "id", None) == task_id
         and isinstance(result, dict)
         and result.keys() == {"pid", "hostname"}
         and isinstance(result["pid"], int)
-        and result["hostname"] is not None
-        and result["hostname"] == getattr(request, "hostname", None)
+        and isinstance(result["hostname"], str)
     )
 
 
@@ -227,7 +228,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             fields["started_at"] = now
             if isinstance(result, dict) and result.get("hostname"):
                 fields["worker"] = result["hostname"]
-            if _traced_start(result, request):  # buffered, written with the run's outcome
+            if _traced_start(task_id, result, request):  # buffered, written with the run's outcome
                 row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
                 enqueue(self.store, row)
                 return result

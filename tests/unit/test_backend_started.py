@@ -49,8 +49,10 @@ def test_a_run_buffers_the_tracers_started_while_update_state_is_written_at_once
 
     tracer = build_tracer(report.name, report, hostname="w1@host", eager=False, app=app)
     tracer("run-1", (), {}, {"id": "run-1", "hostname": "w1@host", "delivery_info": {}})
+    # Celery's test worker and the in-process one give the request another hostname than the tracer
+    tracer("run-2", (), {}, {"id": "run-2", "hostname": "host", "delivery_info": {}})
 
-    assert buffered == [("run-1", "STARTED")]  # the tracer's, with pid and hostname: one only
+    assert buffered == [("run-1", "STARTED"), ("run-2", "STARTED")]  # the tracer's own, only
     assert seen["started"]["state"] == "STARTED" and '"step": 1' in seen["started"]["meta"]
     assert seen["progress"]["state"] == "PROGRESS" and '"step": 2' in seen["progress"]["meta"]
     assert app.AsyncResult("run-1").get(timeout=5) == 3
