@@ -34,6 +34,22 @@ from celery_tq.settings import settings_for
 __all__ = ["TqBackend"]
 
 
+def _traced_start(task_id: str, result: Any, request: Any) -> bool:
+    """Whether a ``STARTED`` is the one Celery's tracer stores as a run begins: with the request
+    of that task's own run, as ``{"pid": <pool process>, "hostname": <worker>}`` (celery/app/trace.py,
+    Celery 5.7; the hostname is not always the request's: Celery's test worker and the in-process
+    one differ). Any other ``STARTED`` (``update_state`` of another shape, ``mark_as_started``,
+    a client's ``store_result`` or ``update_state``) is written before the call returns."""
+    return (
+        request is not None
+        and getattr(request, "id", None) == task_id
+        and isinstance(result, dict)
+        and result.keys() == {"pid", "hostname"}
+        and isinstance(result["pid"], int)
+        and isinstance(result["hostname"], str)
+    )
+
+
 class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
     """Results and registry records in one store; errors arrive structured; chords as on Redis."""
 
@@ -174,9 +190,11 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        """One record write per state. STARTED is buffered (written with the outcome when the task
-        is short, else within ``LINGER``); every other state is durable when this returns, so a
-        late-acked task's outcome is stored before its message is acked."""
+        """One record write per state, durable when this returns (as on Celery's backends: a
+        client's ``store_result``/``mark_as_started``, a task's ``update_state``), so a late-acked
+        task's outcome is stored before its message is acked. The one exception is the
+        ``STARTED`` Celery's tracer stores as a run begins (``task_track_started``): buffered,
+        it travels with the run's outcome when the task is short, else within ``LINGER``."""
         if not is_state_name(state):
             raise ValueError(f"invalid task state {state!r}: 1 to {STATE_MAX} printable characters")
         now = time.time()
@@ -212,7 +230,7 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             fields["started_at"] = now
             if isinstance(result, dict) and result.get("hostname"):
                 fields["worker"] = result["hostname"]
-            if request is not None:  # a worker's run: buffered, written with its outcome
+            if _traced_start(task_id, result, request):  # buffered, written with the run's outcome
                 row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
                 enqueue(self.store, row)
                 return result

@@ -16,10 +16,13 @@ The configurations:
 - ``installed``: the same, the app passed through ``celery_tq.install(app, preset="production")``
   with ``TqTask`` as its task class (``celery_suite_plugin.py``), as a user would.
 
-The suite skips tests gated on ``result_backend.startswith("redis")`` (or ``broker_url``); they use
-Redis only as a side channel, so the gate is read with a ``tq+`` prefix removed. A failure in a tq
-configuration that plain Celery does not have is a regression, unless ``celery_suite_differences.txt``
-lists the test as a documented deliberate difference (README, "Differences from plain Celery").
+The suite skips tests gated on ``result_backend.startswith("redis")`` (or ``broker_url``, or a
+broker URL's scheme); they use Redis only as a side channel (or, in test_connection_recovery, a
+TCP proxy to it), so the gate is read with a ``tq+`` prefix removed. ``RACES`` are
+races in the suite's own tests, fixed in the copy every configuration runs (plain Celery's too).
+A failure in a tq configuration that plain Celery does not have is a regression, unless
+``celery_suite_differences.txt`` lists the test as a documented deliberate difference (README,
+"Differences from plain Celery").
 Exit status 1 when there is any.
 """
 
@@ -59,6 +62,20 @@ CONFIGS = {
     "installed": ("tq+redis://{redis}/1", "tq+redis://{redis}/2", "install"),
 }
 GATE = re.compile(r"\.(result_backend|broker_url)\.startswith\(")
+SCHEME_GATE = re.compile(r"urlparse\((\w+)\)\.scheme (!=|==) ")  # test_connection_recovery's
+# (file, text, replacement): races in the suite's tests, fixed for every configuration alike.
+RACES = [
+    # test_replaced_task_nesting_level_0 resets the flag its task_received handler sets only after
+    # delay() has returned; the session worker runs in the test's own process, and its consumer
+    # thread often takes the GIL (and fires task_received) before delay() returns: the reset then
+    # erases the handler's True. Measured in a loop of 200 sends: plain Celery 47 times, the tq
+    # transport 148 times (60 sends after 0.3 s idle: 0 and 10). Reset before sending instead.
+    (
+        "test_tasks.py",
+        "        res = non_replaced_task.delay()\n        assertion_result = False\n",
+        "        assertion_result = False\n        res = non_replaced_task.delay()\n",
+    ),
+]
 
 
 @dataclass
@@ -73,20 +90,34 @@ def fetch_suite(workdir: Path) -> Path:
     """``.celery_suite/celery-<version>`` holding the sdist's ``t/`` and pytest configuration."""
     version = celery.__version__
     root = workdir / f"celery-{version}"
-    if (root / "t" / "integration" / "conftest.py").exists():
-        return root
-    workdir.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
-    subprocess.run([*pip, "-d", str(workdir), f"celery=={version}"], check=True)
-    with tarfile.open(workdir / f"celery-{version}.tar.gz") as archive:
-        wanted = [m for m in archive.getmembers() if m.name.split("/")[1:2] in (["t"], ["pyproject.toml"])]
-        archive.extractall(workdir, members=wanted, filter="data")
-    for test_file in (root / "t" / "integration").glob("*.py"):
+    if not (root / "t" / "integration" / "conftest.py").exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, "-d", str(workdir), f"celery=={version}"], check=True)
+        with tarfile.open(workdir / f"celery-{version}.tar.gz") as archive:
+            tops = (["t"], ["pyproject.toml"])
+            wanted = [m for m in archive.getmembers() if m.name.split("/")[1:2] in tops]
+            archive.extractall(workdir, members=wanted, filter="data")
+    patch_suite(root / "t" / "integration")
+    return root
+
+
+def patch_suite(tests: Path) -> None:
+    """The gates read without ``tq+``, and the ``RACES`` fixed (idempotent)."""
+    for test_file in tests.glob("*.py"):
         text = test_file.read_text()
         patched = GATE.sub(lambda m: f".{m.group(1)}.removeprefix('tq+').startswith(", text)
+        patched = SCHEME_GATE.sub(
+            lambda m: f"urlparse({m.group(1)}).scheme.removeprefix('tq+') {m.group(2)} ", patched
+        )
+        for name, race, fixed in RACES:
+            if test_file.name == name and race in patched:
+                patched = patched.replace(race, fixed)
         if patched != text:
             test_file.write_text(patched)
-    return root
+    for name, _race, fixed in RACES:
+        if fixed not in (tests / name).read_text():
+            print(f"warning: the race fix for {name} no longer applies to this Celery version", flush=True)
 
 
 def free_port() -> int:

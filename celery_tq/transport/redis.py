@@ -519,7 +519,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         with self._tq_lock:
             RESTORE(self._tq_client(), args)
 
-    def _tq_adopt(self, new_cid: str) -> Any:
+    def _tq_adopt(self, new_cid: str, client: Any = None) -> Any:
         """Move what we still hold to ``new_cid`` ('' = nobody) and requeue everything else."""
         acks = self._tq_inflight + self._tq_drain_acks()
         self._tq_inflight = []
@@ -535,7 +535,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         for src, raw in [*acks, *held]:
             args += (src, raw)
         try:
-            result = ADOPT(self._tq_client(), args)
+            result = ADOPT(client or self._tq_client(), args)
         except BaseException:
             self._tq_inflight = acks
             raise
@@ -709,8 +709,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if mine:
             try:
                 self._tq_refuse_if_frozen()
-                with self._tq_lock:
-                    self._tq_adopt("")
+                # On the heartbeat's short timeouts: a link gone silent (no FIN, no RST) must
+                # not hold a reconnect or a shutdown for socket_timeout (Celery bounds close()).
+                pool = self._tq_new_pool()
+                try:
+                    with self._tq_lock:
+                        self._tq_adopt("", redis.Redis(connection_pool=pool))
+                finally:
+                    self._tq_drop_pool(pool)
             except Exception as exc:
                 logger.warning(
                     "could not requeue the unacked messages of %s (%r); they are recovered "

@@ -1,5 +1,5 @@
 """What Celery's clients see through the tq backend, with real workers: chords and groups as
-Celery's Redis backend runs them, forget(), ignored results."""
+Celery's Redis backend runs them, forget(), ignored results, a running task revoked."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from celery import chord, group
+from celery.exceptions import TaskRevokedError
 
 import celery_tq
 from celery_tq import errors
@@ -79,3 +80,21 @@ def test_an_ignored_result_reads_pending_while_the_registry_keeps_the_outcome(tq
         time.sleep(0.05)
     assert record.result == 5
     assert (result.state, result.result) == ("PENDING", None)  # Celery stored nothing, as on Redis
+
+
+def test_a_running_task_revoked_with_terminate_ends_revoked_and_the_worker_goes_on(tq_shop: Shop) -> None:
+    tq_shop.start_worker(concurrency=1)
+    tasks = tq_shop.app.tasks
+    running = tasks["tqshop.sleep"].delay(120)
+    deadline = time.monotonic() + 60
+    while running.state != "STARTED":
+        assert time.monotonic() < deadline, f"the task did not start (last {running.state})"
+        time.sleep(0.05)
+    running.revoke(terminate=True)
+    with pytest.raises(TaskRevokedError) as caught:  # what code written for plain Celery catches
+        running.get(timeout=60)
+    assert isinstance(caught.value, errors.Cancelled)
+    assert running.state == "REVOKED"
+    record = celery_tq.system_for(tq_shop.app).registry.get(running.id)
+    assert record is not None and record.state == "REVOKED"
+    assert tasks["tqshop.add"].delay(1, 2).get(timeout=60) == 3  # the one pool process was replaced

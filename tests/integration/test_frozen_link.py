@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,3 +87,46 @@ def test_worker_resumes_by_itself_after_its_redis_link_freezes(tmp_path: Path, d
         if proxy.stdout is not None:
             proxy.stdout.close()
         server.stop()
+
+
+def test_closing_a_consumer_whose_redis_link_froze_requeues_what_it_held(tmp_path: Path) -> None:
+    """Celery's reconnect and cold shutdown close the connection of a link gone silent, after
+    bounding its sockets (``bound_open_broker_sockets``); the requeue of what the consumer held
+    goes over a link of its own with the heartbeat's short timeouts, so it neither waits for
+    ``socket_timeout`` nor leaves the message to the heartbeat's expiry."""
+    import redis
+    from celery.utils.threads import bound_open_broker_sockets
+    from kombu import Connection, Consumer, Producer, Queue
+
+    from celery_tq.transport import register_transports
+    from tests.private_redis import PrivateRedis
+    from tests.tcp_proxy import TcpProxy
+
+    register_transports()
+    server = PrivateRedis(tmp_path, False)
+    server.start()
+    queue = Queue("frozen-close")
+    try:
+        with (
+            TcpProxy(server.port) as proxy,
+            Connection(f"tq+redis://127.0.0.1:{server.port}/0") as direct,
+            Connection(f"tq+redis://127.0.0.1:{proxy.port}/0") as proxied,
+        ):
+            Producer(direct).publish({"n": 1}, routing_key=queue.name, declare=[queue])
+            held: list[object] = []
+            consumer = Consumer(
+                proxied, queues=[queue], accept=["json"], callbacks=[lambda b, m: held.append(m)]
+            )
+            consumer.consume()
+            proxied.drain_events(timeout=10)
+            assert len(held) == 1  # delivered, not acked: in the consumer's processing list
+            proxy.freeze()  # every link open now hangs; new ones work
+            bound_open_broker_sockets(proxied, 5.0)  # what Celery does before closing
+            closing = threading.Thread(target=proxied.close, daemon=True)
+            closing.start()
+            closing.join(60)
+            assert not closing.is_alive()
+            waiting = redis.Redis(port=server.port).llen(queue.name)
+            assert waiting == 1, "the held message was not requeued when the connection closed"
+    finally:
+        server.kill()
