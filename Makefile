@@ -33,8 +33,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict celery_tq
 
+# pytest-xdist: one test process per Redis database base (tests/conftest.py); a second checkout
+# running at the same time on the same Redis passes TQ_TEST_REDIS_DB_BASES=8,10,12,14.
+TQ_TEST_REDIS_DB_BASES ?= 0,2,4,6
+export TQ_TEST_REDIS_DB_BASES
+comma := ,
+TEST_WORKERS ?= $(words $(subst $(comma), ,$(TQ_TEST_REDIS_DB_BASES)))
+
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The lowest versions setup.cfg allows (ci/lowest-constraints.txt), with the unit tests: a
 # widened version range is a tested claim. .ci/run runs it after `make test`.

@@ -6,7 +6,7 @@
 Needs root (``ip netns``). Builds the fleet of ``tests/fleet`` for each row: a bridge, a server
 namespace forwarding to the shared Redis / RabbitMQ / PostgreSQL on 127.0.0.1, one namespace per
 host running a real ``celery worker -c 1`` (production preset, ``tq+postgresql://`` registry in a
-schema of its own; ``tq+redis://`` on Redis db TQ_TEST_REDIS_DB_BASE+2, or a RabbitMQ vhost of
+schema of its own; ``tq+redis://`` on Redis db TQ_TEST_REDIS_DB_BASE (12), or a RabbitMQ vhost of
 its own). It sends ``--tasks`` tasks of ``--ms``, and when a quarter have run hits host 0:
 ``host_loss`` = kill -9 of every process in its namespace; ``partition`` = its link down for
 ``--partition`` s, then up; ``power_cut`` = link down, 5 s later kill -9.

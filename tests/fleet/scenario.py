@@ -30,7 +30,7 @@ PG_DSN = "postgresql://postgres@{host}:5432/test"
 # A run that starts this soon after the fault was on its way as it hit (handed to the pool before
 # the worker could know of it); one that starts later was reserved and should have been dropped.
 IN_FLIGHT_S = 0.5
-REDIS_DB = int(os.environ.get("TQ_TEST_REDIS_DB_BASE", "12")) + 2
+REDIS_DB = int(os.environ.get("TQ_TEST_REDIS_DB_BASE", "12"))  # tests/conftest.py sets it per process
 
 
 @dataclass

@@ -14,7 +14,13 @@ import pytest
 
 from tests.fleet import scenario
 
-pytestmark = pytest.mark.usefixtures("fleet_capable")
+# Timing-sensitive (a run started within 0.5 s of the fault counts as in flight, a 5 s gap as a
+# stall): under `make test` these run one after another, alone (tests/conftest.py).
+pytestmark = [
+    pytest.mark.usefixtures("fleet_capable"),
+    pytest.mark.exclusive,
+    pytest.mark.xdist_group("exclusive"),
+]
 
 TASKS = 600  # of 10 ms: the healthy hosts are busy when the fault hits and for a while after
 

@@ -16,6 +16,9 @@ import pytest
 from celery_tq.testing import WorkerProcess
 from tests.ports import free_port
 
+# Under pytest-xdist the whole module runs in one worker: the module-scoped run of the demo shop, once.
+pytestmark = pytest.mark.xdist_group("cli")
+
 ROOT = Path(__file__).parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

@@ -31,6 +31,7 @@ PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 # them; elsewhere TQ_TEST_EXTRAS=1 does.
 pytestmark = [
     pytest.mark.extras,
+    pytest.mark.xdist_group("extras_install"),  # one worker builds the wheel (module fixture, in ROOT)
     pytest.mark.skipif(
         not (REQUIRE_SERVICES or os.environ.get("TQ_TEST_EXTRAS") == "1"),
         reason="per-extra virtualenvs run in CI (TQ_REQUIRE_SERVICES=1) or with TQ_TEST_EXTRAS=1",

@@ -21,6 +21,9 @@ import pytest
 from celery_tq.testing import WorkerProcess
 from tests.ports import free_port
 
+# Under pytest-xdist the whole module runs in one worker: the Quick start project and its worker, once.
+pytestmark = pytest.mark.xdist_group("readme")
+
 ROOT = Path(__file__).parents[2]
 README = (ROOT / "README.md").read_text()
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
