@@ -242,10 +242,9 @@ class SqlStore:
             # the last fraction of a second of them, never an outcome). Through PgBouncer a
             # session setting would leak to other clients: the server's setting applies there.
             durable = any(int(r["progress"]) >= FINAL for r in folded.values())
-            pooled = self.through_pgbouncer
 
             def work(conn: Any) -> None:
-                if not pooled:
+                if not self.through_pgbouncer:
                     self.direct.synchronous_commit(conn, durable)
                 conn.execute(statement, params)
 

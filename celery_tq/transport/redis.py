@@ -284,7 +284,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             _checked_servers.add(ident)
 
     def _tq_new_pool(self) -> Any:
-        """A pool of its own for the heartbeat thread, released by :meth:`_tq_drop_pool`."""
+        """A pool of its own on the heartbeat's short timeouts (the heartbeat thread, and the
+        requeue when a channel closes), released by :meth:`_tq_drop_pool`."""
         timeout = self._tq_beat_timeout()
         params = {**self._connparams(), "socket_timeout": timeout, "socket_connect_timeout": timeout}
         return redis.ConnectionPool(**params)
