@@ -48,7 +48,7 @@ from celery_tq.registry.kvlist import by_score, scored
 from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, fold
 from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
 from celery_tq.registry.sql_merge import (
-    NOTIFY_CHANNEL,
+    NOTIFY_CHANNEL_SQL,
     notice_id,
     parse_notice,
     tag_upsert_sqlite,
@@ -136,7 +136,7 @@ class SqlStore:
         self.direct = DirectConnection(parsed, self.is_sqlite)
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self._listener: Any = None
-        self._seen_done: dict[str, str] = {}  # task id: its tq_done payload
+        self._seen_done: dict[str, str] = {}  # task id: its tq_done_* payload
         self._wait_lock = threading.Lock()
         self._ready = False
         self._lock = threading.Lock()
@@ -152,14 +152,15 @@ class SqlStore:
                 listener.close()
 
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
-        """PostgreSQL: return when ``task_id``'s terminal write is notified on ``tq_done`` (or after
-        ``seconds``); False where the store cannot wake a waiter (SQLite, PgBouncer): poll."""
+        """PostgreSQL: return when ``task_id``'s terminal write is notified on the registry's
+        ``tq_done_*`` channel (or after ``seconds``); False where the store cannot wake a waiter
+        (SQLite, PgBouncer): poll."""
         if self.is_sqlite or self.through_pgbouncer:
             return False
         with self._wait_lock:
             try:
                 if self._listener is None or self._listener.closed:
-                    self._listener = self.direct.open_listener(NOTIFY_CHANNEL)
+                    self._listener = self.direct.open_listener(NOTIFY_CHANNEL_SQL)
                 self._seen_done.pop(task_id, None)  # noticed before this wait: a read is fresher
                 if is_ready(task_id):
                     return True

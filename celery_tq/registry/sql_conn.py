@@ -101,10 +101,14 @@ class DirectConnection:
         with self._lock:
             self._discard()
 
-    def open_listener(self, channel: str) -> Any:
-        """A new PostgreSQL connection of this store's that listens on ``channel`` (the caller owns it)."""
+    def open_listener(self, channel_sql: str) -> Any:
+        """A new PostgreSQL connection of this store's that listens on the channel the SQL
+        expression ``channel_sql`` names in its session (the caller owns the connection)."""
+        from psycopg import sql
+
         conn = self._open()
-        conn.execute(f"LISTEN {channel}")
+        channel = conn.execute(f"SELECT {channel_sql}").fetchone()[0]
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         return conn
 
     def _connection(self) -> Any:

@@ -15,9 +15,13 @@ from collections.abc import Sequence
 
 from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME, Row
 
-__all__ = ["NOTIFY_CHANNEL", "SQL_TYPES", "notice_id", "parse_notice", "tag_upsert_sqlite", "task_upsert"]
+__all__ = ["NOTIFY_CHANNEL_SQL", "SQL_TYPES", "notice_id", "parse_notice", "tag_upsert_sqlite", "task_upsert"]
 
-NOTIFY_CHANNEL = "tq_done"
+# The channel of one registry: ``tq_done_`` and a hash of the schema its tables are in, so two
+# registries in one database (schemas of their own: staging and production, tests) never take
+# each other's notices, which carry a row for a task id both may use. SQL, evaluated by the
+# writer's and the listener's sessions alike (same URL, same search_path).
+NOTIFY_CHANNEL_SQL = "'tq_done_' || left(md5(coalesce(current_schema(), '')), 16)"
 NOTICE_ROW_MAX = 7_300  # bytes of row JSON a notice carries: with an id of 155 characters, under 8,000
 
 # Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
@@ -124,23 +128,23 @@ def task_upsert(dialect: str, rows: int) -> str:
         return upsert
     # The task row stays locked by this statement until it commits, so two writers of one task
     # write its tag rows in the order they merged it: the tag rows carry its latest state.
-    # A terminal write also notifies ``tq_done`` (delivered at commit): it wakes a client waiting
-    # in ``get()``, and carries the merged row when it fits, so that client need not read it
-    # (payload: see :func:`parse_notice`).
+    # A terminal write also notifies the registry's ``tq_done_*`` channel (delivered at commit):
+    # it wakes a client waiting in ``get()``, and carries the merged row when it fits, so that
+    # client need not read it (payload: see :func:`parse_notice`).
     return (
         f"WITH up AS ({upsert} RETURNING o.*), "
         "tagged AS (INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
         "SELECT up.id, t.tag, up.state, up.submitted_at FROM up "
         "CROSS JOIN LATERAL jsonb_array_elements_text(up.tags::jsonb) AS t(tag) "
         "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT + ") "
-        f"SELECT pg_notify('{NOTIFY_CHANNEL}', length(up.id) || ':' || up.id || CASE WHEN "
+        f"SELECT pg_notify({NOTIFY_CHANNEL_SQL}, length(up.id) || ':' || up.id || CASE WHEN "
         f"octet_length(j::text) <= {NOTICE_ROW_MAX} THEN j::text ELSE '' END) "
         f"FROM up, json_strip_nulls(row_to_json(up)) AS j WHERE up.progress >= {FINAL}"
     )
 
 
 def notice_id(payload: str) -> str:
-    """The task id of a ``tq_done`` payload (see :func:`parse_notice`), without parsing its row."""
+    """The task id of a ``tq_done_*`` payload (see :func:`parse_notice`), without parsing its row."""
     size, colon, rest = payload.partition(":")
     if colon and size.isdigit() and int(size) <= len(rest):
         return rest[: int(size)]
@@ -148,7 +152,7 @@ def notice_id(payload: str) -> str:
 
 
 def parse_notice(payload: str) -> tuple[str, Row | None]:
-    """``(task id, merged row or None)`` from a ``tq_done`` payload: ``<len(id)>:<id>[<row JSON>]``.
+    """``(task id, merged row or None)`` from a ``tq_done_*`` payload: ``<len(id)>:<id>[<row JSON>]``.
 
     The row is left out when it would not fit PostgreSQL's 8,000-byte payload; a payload of a bare
     id (what earlier celery-tq releases sent) or one that does not parse gives no row.

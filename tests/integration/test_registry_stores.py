@@ -217,6 +217,38 @@ def test_the_postgresql_wake_up_carries_the_record_a_read_would_give(
     assert store.notified_row("n 1") is None  # taken once
 
 
+def test_a_postgresql_registry_never_takes_the_notice_of_another_schemas_registry(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    import uuid
+
+    import psycopg
+
+    from tests.registry_support import PG_DSN
+
+    mine = store_for_url(store_url("postgresql", request, tmp_path))
+    schema = f"tq_test_{uuid.uuid4().hex[:10]}"  # a second registry in the same database
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        theirs: Any = store_for_url(f"{PG_DSN}?options=-csearch_path%3D{schema}")
+        theirs.write([change("shared-id", "QUEUED", 0, submitted_at=time.time())])
+        woke: list[bool] = []
+        waiter = threading.Thread(
+            target=lambda: woke.append(mine.wait_for_outcome("shared-id", 2.0, lambda _: False))
+        )
+        waiter.start()
+        time.sleep(0.3)  # listening by now
+        theirs.write([change("shared-id", "SUCCESS", 0, submitted_at=time.time(), result='"theirs"')])
+        waiter.join(10.0)
+        assert woke == [True]  # its wait ran out
+        assert mine.notified_row("shared-id") is None  # the other registry's row never reaches it
+    finally:
+        theirs.close()
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 def test_the_redis_store_reloads_its_script_after_a_script_flush(tmp_path: Path) -> None:
     server = PrivateRedis(tmp_path)  # SCRIPT FLUSH is server-wide: never on the shared Redis
     server.start()
