@@ -136,7 +136,11 @@ def reset(pg: str) -> None:
             conn.execute(f"TRUNCATE {schema}.tq_tasks, {schema}.tq_task_tags, {schema}.tq_kv")
 
 
-def done_counter(config: Config, ids: list[str], pg: str) -> Callable[[], int]:
+def done_counter(config: Config, pg: str, last_id: str) -> Callable[[], int]:
+    """How many results are stored, at a cost that does not slow the drain it measures: EXISTS of
+    every id every 20 ms took about 15% of the machine's CPU from plain Celery, and a count over
+    the PostgreSQL table as much from PostgreSQL. Tasks run about in order, so the PostgreSQL
+    count waits until the last task queued is done (a primary-key read)."""
     if config.backend.startswith("tq+redis"):
         client = redis.Redis.from_url(config.backend.removeprefix("tq+"))
         return lambda: sum(int(client.zcard(f"tq:i:state:{s}")) for s in ("SUCCESS", "FAILURE"))
@@ -144,20 +148,22 @@ def done_counter(config: Config, ids: list[str], pg: str) -> Callable[[], int]:
         import psycopg
 
         conn = psycopg.connect(PG, autocommit=True, options=f"-csearch_path={pg.rsplit('%3D', 1)[1]}")
+        ended = "state IN ('SUCCESS', 'FAILURE')"
 
         def count() -> int:
             try:
-                row = conn.execute(
-                    "SELECT count(*) FROM tq_tasks WHERE state IN ('SUCCESS', 'FAILURE')"
-                ).fetchone()
+                if conn.execute(f"SELECT 1 FROM tq_tasks WHERE id = %s AND {ended}", (last_id,)).fetchone():
+                    row = conn.execute(f"SELECT count(*) FROM tq_tasks WHERE {ended}").fetchone()
+                    return int(row[0]) if row else 0
             except psycopg.errors.UndefinedTable:
-                return 0
-            return int(row[0]) if row else 0
+                pass
+            return 0
 
         return count
+    # Celery's redis backend: the result db holds one key per stored result and nothing else
+    # (reset() empties it), so DBSIZE counts them.
     client = redis.Redis.from_url(config.backend)
-    keys = [f"celery-task-meta-{i}" for i in ids]
-    return lambda: int(client.exists(*keys))
+    return lambda: int(client.dbsize())
 
 
 def drain(config: Config, tasks: int, workdir: Path, pg: str) -> float:
@@ -166,8 +172,10 @@ def drain(config: Config, tasks: int, workdir: Path, pg: str) -> float:
     noop = app.tasks["bench.noop"]  # type: ignore[attr-defined]
     if "amqp" in config.broker:
         app.control.purge()  # type: ignore[attr-defined]
-    ids = [noop.apply_async((i,)).id for i in range(tasks)]
-    count = done_counter(config, ids, pg)
+    last_id = ""
+    for i in range(tasks):
+        last_id = noop.apply_async((i,)).id
+    count = done_counter(config, pg, last_id)
     env = {**config.env(), "PYTHONPATH": f"{workdir}:{ROOT}"}
     with WorkerProcess("benchreg_app", pool="prefork", concurrency=2, cwd=workdir, env=env):
         t0 = time.perf_counter()

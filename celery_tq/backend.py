@@ -27,7 +27,7 @@ from celery_tq.registry import Store, store_for_url
 from celery_tq.registry.call import bound_call
 from celery_tq.registry.capture import from_request, run_of
 from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_name, to_record
-from celery_tq.registry.writer import enqueue, flush_pending, write_with_retry
+from celery_tq.registry.writer import Deferred, enqueue, flush_pending, write_with_retry
 from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
 from celery_tq.settings import settings_for
 
@@ -199,8 +199,22 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             raise ValueError(f"invalid task state {state!r}: 1 to {STATE_MAX} printable characters")
         now = time.time()
         retries, fields = from_request(request)
+        base = super()
+        if state == states.STARTED and _traced_start(task_id, result, request):
+            # Buffered, written with the run's outcome: its meta is built only if this row is
+            # written on its own (a run still going when the background writer's turn comes).
+            fields.update(run_of(request, started=True), started_at=now, worker=result["hostname"] or None)
+
+            def started_meta() -> str:
+                return self._encoded_meta(base, task_id, result, state, traceback, request)
+
+            enqueue(
+                self.store,
+                change(task_id, state, retries, submitted_at=now, meta=Deferred(started_meta), **fields),
+            )
+            return result
         meta = celery_seam.base_result_meta(
-            super(), result=result, state=state, traceback=traceback, request=request
+            base, result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = task_id
         bound_call(meta)
@@ -230,13 +244,18 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             fields["started_at"] = now
             if isinstance(result, dict) and result.get("hostname"):
                 fields["worker"] = result["hostname"]
-            if _traced_start(task_id, result, request):  # buffered, written with the run's outcome
-                row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
-                enqueue(self.store, row)
-                return result
         row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
         write_with_retry(self.store, [row], f"{state} of task {task_id}", self.retry_for)
         return result
+
+    @staticmethod
+    def _encoded_meta(base: Any, task_id: str, result: Any, state: str, traceback: Any, request: Any) -> str:
+        meta = celery_seam.base_result_meta(
+            base, result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = task_id
+        bound_call(meta)
+        return str(dumps(meta))
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         row = self.store.read([task_id])[0]

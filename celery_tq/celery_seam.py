@@ -32,6 +32,7 @@ __all__ = [
     "clear_task_join_will_block",
     "conf_maps_chosen",
     "connection_socket",
+    "count_fanout_receivers",
     "default_app",
     "drop_connection_caches",
     "in_confirm_mode",
@@ -69,6 +70,7 @@ MEMBERS: dict[str, tuple[str, ...]] = {
     "kombu.transport": ("TRANSPORT_ALIASES",),
     "redis.connection:ConnectionPool": ("_in_use_connections", "_available_connections"),
     "redis.connection:Connection": ("_sock",),
+    "kombu.transport.redis:Channel": ("_put_fanout", "_get_publish_topics"),
 }
 
 #: Backend hooks celery-tq overrides (Celery calls them; they are what backend authors override).
@@ -342,6 +344,43 @@ def connection_socket(connection: Any) -> Any:
     """The socket of a redis-py connection, or None: ``redis.connection.Connection._sock``.
     Checked on redis-py 6.4.0 and 8.1.0."""
     return getattr(connection, "_sock", None)
+
+
+def count_fanout_receivers(channel: Any) -> bool:
+    """Make a channel of kombu's Redis transport (``redis://``, ``sentinel://``, and celery-tq's
+    ``tq+redis://``, which subclasses it) keep how many subscribers got its last fanout message
+    in ``channel.tq_fanout_receivers`` (the number Redis PUBLISH answers); False for any other
+    channel. Set on the one channel: its other publishes are kombu's.
+
+    Relies on ``kombu.transport.redis.Channel._put_fanout(exchange, message, routing_key,
+    **kwargs)`` being the fanout publish (``_publish_batch`` in ``kwargs``: sent later with a
+    batch, so no count), ``_get_publish_topics(exchange, routing_key)`` naming its PUB/SUB
+    topics, and ``conn_or_acquire()`` giving its client. Checked on kombu 5.7.0.
+    """
+    try:
+        from kombu.transport.redis import Channel as RedisChannel
+    except ImportError:  # redis-py not installed: no Redis channel exists
+        return False
+    if not isinstance(channel, RedisChannel):
+        return False
+    kombus = channel._put_fanout
+
+    def put_fanout(exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
+        if kwargs.get("_publish_batch") is not None:
+            kombus(exchange, message, routing_key, **kwargs)
+            return
+        from kombu.utils.json import dumps
+
+        payload = dumps(message)
+        with channel.conn_or_acquire() as client:
+            channel.tq_fanout_receivers = sum(
+                int(client.publish(topic, payload))
+                for topic in channel._get_publish_topics(exchange, routing_key)
+            )
+
+    channel.tq_fanout_receivers = None
+    channel._put_fanout = put_fanout
+    return True
 
 
 def iter_members() -> Iterable[tuple[str, str]]:

@@ -178,6 +178,9 @@ def store_for_url(url: str) -> Store:
     """The store named by ``url`` (``tq+`` prefix allowed), one per URL and process."""
     url = url.removeprefix("tq+")
     key = (os.getpid(), url)  # connections never cross a fork
+    store = _stores.get(key)  # the common case, without the lock (a dict read is atomic)
+    if store is not None:
+        return store
     with _lock:
         store = _stores.get(key)
         if store is None:

@@ -112,9 +112,9 @@ for k in pairs(after) do if moved or not before[k] then redis.call('ZADD', k, sc
 local gone = {}
 for f in pairs(old) do if row[f] == nil then table.insert(gone, f) end end
 if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-local flat = {}
-for f, v in pairs(row) do table.insert(flat, f); table.insert(flat, v) end
-redis.call('HSET', key, unpack(flat))
+local flat = {}  -- the fields that changed (a task's outcome leaves most of its row as it was)
+for f, v in pairs(row) do if old[f] ~= v then table.insert(flat, f); table.insert(flat, v) end end
+if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 redis.call('SADD', prefix .. 'states', row['state'])
 if tonumber(new['progress']) >= final then  -- wakes a client waiting in get()
   redis.call('PUBLISH', prefix .. 'done:' .. id, row['state'])

@@ -247,7 +247,7 @@ class SqlStore:
             def work(conn: Any) -> None:
                 if not self.through_pgbouncer:
                     self.direct.synchronous_commit(conn, durable)
-                conn.execute(statement, params)
+                conn.execute(statement, [*params, self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)])
 
         self.direct.run(work)
 

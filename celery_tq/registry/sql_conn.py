@@ -74,12 +74,22 @@ class DirectConnection:
         self._conn: Any = None
         self._pid = 0
         self._durable: bool | None = None  # this connection's synchronous_commit, once set
+        self._session_values: dict[str, Any] = {}  # SQL expression: its value in this session
 
     def synchronous_commit(self, conn: Any, durable: bool) -> None:
         """Set ``synchronous_commit`` of this session (within :meth:`run`) when it changes."""
         if self._durable is not durable:
             conn.execute(f"SET synchronous_commit = {'on' if durable else 'off'}")
             self._durable = durable
+
+    def session_value(self, conn: Any, expression: str) -> Any:
+        """The value of the SQL ``expression`` in this session (within :meth:`run`), evaluated
+        once per connection: for what the session fixes, such as its ``current_schema()``."""
+        try:
+            return self._session_values[expression]
+        except KeyError:
+            value = self._session_values[expression] = conn.execute(f"SELECT {expression}").fetchone()[0]
+            return value
 
     def run(self, work: Callable[[Any], T]) -> T:
         """``work(dbapi_connection)``, once more on a fresh connection if this one was broken."""
@@ -114,6 +124,7 @@ class DirectConnection:
     def _connection(self) -> Any:
         if self._conn is None or self._pid != os.getpid():
             self._conn, self._pid, self._durable = self._open(), os.getpid(), None
+            self._session_values = {}
         return self._conn
 
     def _open(self) -> Any:

@@ -10,6 +10,7 @@ Python rule and the Redis store's Lua against one table of cases.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 
@@ -117,8 +118,11 @@ def _placeholders(dialect: str) -> str:
     return "(" + ", ".join("?" for _ in COLUMNS) + ")"
 
 
+@functools.lru_cache(maxsize=128)
 def task_upsert(dialect: str, rows: int) -> str:
-    """The statement that merges ``rows`` changes (params: each row's COLUMNS, in order)."""
+    """The statement that merges ``rows`` changes (params: each row's COLUMNS, in order; on
+    PostgreSQL then the registry's channel, the value of :data:`NOTIFY_CHANNEL_SQL` in the
+    writer's session, evaluated once per connection rather than per row)."""
     values = ", ".join([_placeholders(dialect)] * rows)
     target, merge = ("tq_tasks AS o", _PG_SET) if dialect == "postgresql" else ("tq_tasks", _SQLITE_SET)
     upsert = (
@@ -137,9 +141,9 @@ def task_upsert(dialect: str, rows: int) -> str:
         "SELECT up.id, t.tag, up.state, up.submitted_at FROM up "
         "CROSS JOIN LATERAL jsonb_array_elements_text(up.tags::jsonb) AS t(tag) "
         "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT + ") "
-        f"SELECT pg_notify({NOTIFY_CHANNEL_SQL}, length(up.id) || ':' || up.id || CASE WHEN "
+        f"SELECT pg_notify(%s::text, length(up.id) || ':' || up.id || CASE WHEN "
         f"octet_length(j::text) <= {NOTICE_ROW_MAX} THEN j::text ELSE '' END) "
-        f"FROM up, json_strip_nulls(row_to_json(up)) AS j WHERE up.progress >= {FINAL}"
+        f"FROM up, row_to_json(up) AS j WHERE up.progress >= {FINAL}"
     )
 
 

@@ -34,7 +34,7 @@ from celery_tq.registry.record import Row
 if TYPE_CHECKING:
     from celery_tq.registry import Store
 
-__all__ = ["RETRY_FOR", "enqueue", "flush_all", "flush_pending", "write_with_retry"]
+__all__ = ["RETRY_FOR", "Deferred", "enqueue", "flush_all", "flush_pending", "write_with_retry"]
 
 logger = logging.getLogger("celery_tq.registry")
 
@@ -135,9 +135,45 @@ class QueuedWriter:
                 self._idle.notify_all()
 
 
+class Deferred:
+    """A row's ``meta`` computed only if it is written (``TqBackend``'s buffered ``STARTED``: a
+    short run's outcome supersedes it in the same batch, and its meta is never needed)."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute: Callable[[], str]) -> None:
+        self.compute = compute
+
+
+def resolved(batch: Sequence[Row]) -> Sequence[Row]:
+    """``batch`` with every deferred meta computed, or left out where a later change of the
+    same task in the batch supersedes the row (its outcome columns never reach the store).
+    Rows are copied, never changed: a batch that fails may be given back to the buffer."""
+    if not any(type(row.get("meta")) is Deferred for row in batch):
+        return batch
+    out: list[Row] = []
+    later: dict[str, int] = {}  # per task, the highest progress of the changes after this one
+    for row in reversed(batch):
+        deferred, progress = row.get("meta"), int(row["progress"])
+        if type(deferred) is Deferred:
+            row = {k: v for k, v in row.items() if k != "meta"}
+            # a later change of equal or higher progress supersedes (record.supersedes; a
+            # deferred row is never terminal)
+            if later.get(row["id"], -1) < progress:
+                try:
+                    row["meta"] = deferred.compute()
+                except Exception:
+                    logger.exception("celery-tq: result meta of task %s not recorded", row["id"])
+        later[row["id"]] = max(later.get(row["id"], -1), progress)
+        out.append(row)
+    out.reverse()
+    return out
+
+
 def write_isolating(store: Store, batch: Sequence[Row]) -> None:
     """Write ``batch``; if the store refuses it outright, write its rows one by one and drop
     (with an error naming the task) each row it refuses. Other errors propagate (transient)."""
+    batch = resolved(batch)
     try:
         store.write(batch)
         return

@@ -49,14 +49,15 @@ new primary and the scripts are loaded again). Redis Cluster is refused at conne
 
 Members of kombu's classes used here (kombu 5.7.0; ``tests/unit/test_seam.py`` checks they exist):
 overridden in ``kombu.transport.redis.Channel``: ``_connparams``, ``_on_connection_disconnect``,
-``_put``, ``_put_fanout``, ``_get``, ``_brpop_start``, ``_brpop_read``; called or read on it:
+``_put``, ``_get``, ``_brpop_start``, ``_brpop_read``; called or read on it:
 ``_create_client``, ``_prepare_virtual_host``, ``_get_message_priority``, ``_q_for_pri``,
 ``_expires``, ``_queue_cycle``, ``_maybe_update_queues_expire``, ``_fanout_queues``, ``_pool``,
-``_async_pool``, ``_get_publish_topics``, ``_disconnect_pools``, ``_close_clients``, ``_in_poll``,
+``_async_pool``, ``_disconnect_pools``, ``_close_clients``, ``_in_poll``,
 ``_brpop_sent_at``, ``_closing``; on ``kombu.transport.virtual.QoS``: ``_delivered``,
 ``_quick_ack``, ``_flush``; on ``kombu.transport.virtual.Transport`` (``channel.connection``):
 ``_callbacks``, ``_deliver``.
-redis-py's private members go through :mod:`celery_tq.celery_seam`.
+redis-py's private members, and the fanout publish that counts its receivers (task events
+paused while no monitor listens), go through :mod:`celery_tq.celery_seam`.
 """
 
 from __future__ import annotations
@@ -227,7 +228,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._tq_beat_ok_at = monotonic()
         self._tq_severed = False
         self._tq_fenced = False
-        self.tq_fanout_receivers: int | None = None  # subscribers of the last fanout PUBLISH
         connection = args[0] if args else kwargs["connection"]
         self._tq_check_options(connection.client)
         conninfo = connection.client
@@ -344,18 +344,6 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             for step in self.priority_steps if expires is not None else ():
                 pipe.pexpire(self._q_for_pri(queue, step), expires)
             pipe.execute()
-
-    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any) -> None:
-        """kombu's fanout PUBLISH, keeping how many subscribers got it (``tq_fanout_receivers``)."""
-        if kwargs.get("_publish_batch") is not None:  # sent later with the batch: count unknown
-            super()._put_fanout(exchange, message, routing_key, **kwargs)
-            return
-        payload = dumps(message)
-        with self.conn_or_acquire() as client:
-            self.tq_fanout_receivers = sum(
-                int(client.publish(topic, payload))
-                for topic in self._get_publish_topics(exchange, routing_key)
-            )
 
     # -- consuming ---------------------------------------------------------------------------
 

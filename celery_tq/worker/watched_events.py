@@ -1,4 +1,4 @@
-"""Task events only while a monitor listens: a consumer bootstep (RabbitMQ, ``tq+redis://``).
+"""Task events only while a monitor listens: a consumer bootstep (RabbitMQ, Redis).
 
 With task events on (the presets turn them on for Flower), Celery's worker builds, serializes
 and publishes three events per task whether or not anything consumes them; with no monitor
@@ -15,12 +15,12 @@ connects (Flower, ``celery events``, an ``EventReceiver`` capturing with ``wakeu
 broadcasts ``heartbeat`` to the workers at once, so it sees task events from within a round trip
 of connecting; any other consumer of the event exchange within one heartbeat interval.
 
-On ``tq+redis://`` events go out by Redis PUBLISH, which answers how many subscribers got the
-message. After each worker event the probe publishes an empty batch of task events (``[]`` on
+On Redis (``tq+redis://``, ``redis://``, ``sentinel://``) events go out by PUBLISH, which answers
+how many subscribers got the message. After each worker event the probe publishes an empty batch of task events (``[]`` on
 the ``task.multi`` routing key: a receiver processes nothing) and reads that number: only task
 event monitors subscribe to it (other workers' gossip subscribes to ``worker.*`` alone, when
 kombu's ``fanout_patterns`` is on, its default; with it off every worker counts and events stay
-on). The stock ``redis://`` transport does not report the number: events stay on there.
+on).
 
 Nothing changes for a worker whose task events are off, on other transports, or with
 ``tq_pause_unwatched_events = False``. If a probe fails or times out (a broker under a memory
@@ -129,7 +129,7 @@ class _Probe:
 
 
 class _CountingProbe(_Probe):
-    """``tq+redis://``: the worker event goes as Celery sends it; then an empty task-event batch
+    """Redis: the worker event goes as Celery sends it; then an empty task-event batch
     is published and the number of subscribers that got it decides."""
 
     def _probe(self, event: Any, producer: Any, routing_key: str, args: Any, kwargs: Any) -> bool:
@@ -153,7 +153,7 @@ class _CountingProbe(_Probe):
 
 
 class WatchedEvents(bootsteps.StartStopStep):
-    """Consumer step: task events pause while no monitor listens (py-amqp, ``tq+redis://``)."""
+    """Consumer step: task events pause while no monitor listens (py-amqp, Redis)."""
 
     requires = ("celery.worker.consumer.events:Events",)
     label = "tq-watched-events"
@@ -169,8 +169,8 @@ class WatchedEvents(bootsteps.StartStopStep):
             return  # task events off, or filtered by the user: Celery's choice stands
         producer = dispatcher.producer
         channel = getattr(producer, "channel", None)
-        if channel is not None and hasattr(channel, "tq_fanout_receivers"):
-            self.probe = _CountingProbe(dispatcher)  # tq+redis://: PUBLISH counts the receivers
+        if channel is not None and celery_seam.count_fanout_receivers(channel):
+            self.probe = _CountingProbe(dispatcher)  # Redis: PUBLISH counts the receivers
         elif channel is not None and hasattr(type(channel), "basic_publish_confirm"):
             self.probe = _Probe(dispatcher)  # py-amqp: a mandatory, confirmed publish
         else:

@@ -125,10 +125,11 @@ def _run(app: Celery, count: int) -> list[str]:
 PAUSED, RESUMED = "Task events paused", "Task events resumed"
 
 
-@pytest.fixture(params=["rabbitmq", "tq+redis"])
+@pytest.fixture(params=["rabbitmq", "tq+redis", "redis"])
 def watched_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     """The brokers that tell a worker whether a monitor listens: RabbitMQ (a mandatory publish
-    returned) and ``tq+redis://`` (PUBLISH counts the subscribers)."""
+    returned) and Redis, celery-tq's ``tq+redis://`` and kombu's ``redis://`` (PUBLISH counts the
+    subscribers)."""
     yield from _shop(request.param, request, Path(data_dir))
 
 

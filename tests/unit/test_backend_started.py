@@ -75,3 +75,33 @@ def test_store_calls_outside_a_run_are_written_before_they_return(buffered: list
     rows = backend.store.read(["by-hand", "marked", "from-client", "progress"])
     assert [r["state"] if r else None for r in rows] == ["STARTED", "STARTED", "STARTED", "PROGRESS"]
     assert app.AsyncResult("by-hand").info == {"hostname": "other@host"}
+
+
+def test_a_run_still_going_shows_celerys_started_meta_once_written() -> None:
+    """The tracer's STARTED is built lazily: written on its own (a long run), it carries the meta
+    Celery's backends store (``info`` is ``{pid, hostname}``, with the extended request fields)."""
+    from celery_tq.registry.writer import flush_pending
+
+    app = _app()
+    app.conf.result_extended = True
+    seen: dict[str, Any] = {}
+
+    @app.task(name="started.long", bind=True, shared=False)
+    def long(self: Any, x: int) -> int:
+        flush_pending(app.backend.store)  # the background writer's turn, while the run goes on
+        result = app.AsyncResult(self.request.id)
+        seen.update(state=result.state, info=result.info, name=result.name, args=result.args)
+        return x
+
+    tracer = build_tracer(long.name, long, hostname="w1@host", eager=False, app=app)
+    tracer(
+        "run-long",
+        (5,),
+        {},
+        {"id": "run-long", "task": long.name, "hostname": "w1@host", "delivery_info": {}},
+    )
+
+    assert seen["state"] == "STARTED"
+    assert seen["info"]["hostname"] == "w1@host" and isinstance(seen["info"]["pid"], int)
+    assert (seen["name"], seen["args"]) == ("started.long", [5])
+    assert app.AsyncResult("run-long").get(timeout=5) == 5

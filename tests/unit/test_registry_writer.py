@@ -109,3 +109,60 @@ def test_flush_does_not_wait_on_a_store_that_is_down() -> None:
     started = time.monotonic()
     assert writer.flush(timeout=10) is False  # the row stays buffered; the caller goes on
     assert time.monotonic() - started < 1
+
+
+def test_a_deferred_meta_is_computed_only_when_its_row_is_written_on_its_own() -> None:
+    from celery_tq.registry.writer import Deferred, resolved
+
+    calls: list[str] = []
+
+    def meta(name: str) -> Deferred:
+        return Deferred(lambda: calls.append(name) or f'{{"status": "STARTED", "who": "{name}"}}')
+
+    started = change("a", "STARTED", meta=meta("a"), worker="w1")
+    alone = change("b", "STARTED", meta=meta("b"), worker="w1")
+    outcome = change("a", "SUCCESS", result="1", meta='{"status": "SUCCESS"}')
+    batch = [started, alone, outcome]
+
+    written = resolved(batch)
+
+    assert calls == ["b"]  # a's outcome supersedes its STARTED in the same batch: never built
+    assert "meta" not in written[0] and written[0]["worker"] == "w1"  # the rest of the row goes on
+    assert written[1]["meta"] == '{"status": "STARTED", "who": "b"}'
+    assert written[2] is outcome
+    assert isinstance(started["meta"], Deferred)  # the caller's rows are not changed (put back on failure)
+    assert resolved([outcome]) == [outcome]
+
+
+def test_a_buffered_started_carries_its_meta_when_written_alone_and_never_hides_the_outcome() -> None:
+    from celery_tq.registry.writer import Deferred
+
+    store = _store()
+    enqueue(
+        store, change("long", "STARTED", meta=Deferred(lambda: '{"status": "STARTED", "result": {"pid": 7}}'))
+    )
+    flush_pending(store)
+    assert store.read(["long"])[0]["meta"] == '{"status": "STARTED", "result": {"pid": 7}}'
+
+    enqueue(store, change("short", "STARTED", meta=Deferred(lambda: '{"status": "STARTED"}'), worker="w1"))
+    assert write_with_retry(
+        store, [change("short", "SUCCESS", result="2", meta='{"status": "SUCCESS"}')], "t"
+    )
+    row = store.read(["short"])[0]
+    assert (row["state"], row["meta"], row["worker"]) == ("SUCCESS", '{"status": "SUCCESS"}', "w1")
+
+
+def test_a_deferred_meta_that_fails_to_build_is_logged_and_the_row_still_written(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from celery_tq.registry.writer import Deferred
+
+    def broken() -> str:
+        raise ValueError("cannot encode")
+
+    store = _store()
+    enqueue(store, change("bad", "STARTED", meta=Deferred(broken), worker="w1"))
+    with caplog.at_level(logging.ERROR, logger="celery_tq.registry"):
+        flush_pending(store)
+    assert store.read(["bad"])[0]["state"] == "STARTED"
+    assert "result meta of task bad not recorded" in caplog.text
