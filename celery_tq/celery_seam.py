@@ -363,6 +363,10 @@ def count_fanout_receivers(channel: Any) -> bool:
         return False
     if not isinstance(channel, RedisChannel):
         return False
+    return _count_fanout_receivers(channel)
+
+
+def _count_fanout_receivers(channel: Any) -> bool:
     kombus = channel._put_fanout
 
     def put_fanout(exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:

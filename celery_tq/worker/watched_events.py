@@ -15,9 +15,10 @@ connects (Flower, ``celery events``, an ``EventReceiver`` capturing with ``wakeu
 broadcasts ``heartbeat`` to the workers at once, so it sees task events from within a round trip
 of connecting; any other consumer of the event exchange within one heartbeat interval.
 
-On Redis (``tq+redis://``, ``redis://``, ``sentinel://``) events go out by PUBLISH, which answers
-how many subscribers got the message. After each worker event the probe publishes an empty batch of task events (``[]`` on
-the ``task.multi`` routing key: a receiver processes nothing) and reads that number: only task
+On Redis (``tq+redis://``, ``redis://``, ``sentinel://``) events go out by PUBLISH, which
+answers how many subscribers got the message. After each worker event the probe publishes an
+empty batch of task events (``[]`` on the ``task.multi`` routing key: a receiver processes
+nothing) and reads that number: only task
 event monitors subscribe to it (other workers' gossip subscribes to ``worker.*`` alone, when
 kombu's ``fanout_patterns`` is on, its default; with it off every worker counts and events stay
 on).
