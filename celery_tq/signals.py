@@ -139,6 +139,7 @@ class _Recorder:
             fields["meta"] = published_call(headers, body)
         row = change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields)
         store = target[0]
+        store.published(row["id"])
         after_send(lambda: enqueue(store, row))  # once the message has left (a batched publish)
 
     def on_started(self, sender: Any = None, task_id: str = "", task: Any = None, **kw: Any) -> None:

@@ -41,6 +41,10 @@ class Store(Protocol):
         """The merged row that the last wake-up for ``task_id`` carried (taken once), or None:
         the caller then reads it."""
 
+    def published(self, task_id: str) -> None:
+        """This process has just sent ``task_id``: a store whose wake-ups reach this process
+        already may wait for its outcome without reading its record first."""
+
     def query(self, query: Query) -> list[Row]:
         """Rows matching ``query``, newest ``submitted_at`` first, at most ``query.limit``."""
 

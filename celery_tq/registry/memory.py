@@ -43,6 +43,9 @@ class MemoryStore:
     def notified_row(self, task_id: str) -> Row | None:
         return None  # a wake-up here carries no row: the caller reads it
 
+    def published(self, task_id: str) -> None:
+        """Nothing to note: a wait here starts listening for the one task, then reads it."""
+
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """Return when a write may have finished ``task_id`` (or after ``seconds``)."""
         with self._changed:

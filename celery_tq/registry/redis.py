@@ -156,6 +156,9 @@ class RedisStore:
     def notified_row(self, task_id: str) -> Row | None:
         return None  # a wake-up here carries no row: the caller reads it
 
+    def published(self, task_id: str) -> None:
+        """Nothing to note: a wait here starts listening for the one task, then reads it."""
+
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """Return when ``task_id``'s terminal state is written (the merge script publishes it on
         ``tq:done:<id>``) or after ``seconds``; ``is_ready`` closes the race with the subscription."""

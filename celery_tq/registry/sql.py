@@ -60,6 +60,7 @@ __all__ = ["SCHEMA_VERSION", "SqlStore"]
 # 2: state names up to 64 characters (custom states); terminal states are final
 # 3: deliveries (runs started) and the id of the run counted last
 SCHEMA_VERSION = 3
+FIRST_WAIT = 0.05  # s a task sent while listening is waited for before its record is read
 ID = String(155)
 RUN_ID_MAX = 64
 metadata = MetaData()
@@ -137,6 +138,8 @@ class SqlStore:
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self._listener: Any = None
         self._seen_done: dict[str, str] = {}  # task id: its tq_done_* payload
+        self._generation = 0  # listeners opened so far in this process
+        self._expected: dict[str, int] = {}  # task id sent while listening: the listener's generation
         self._wait_lock = threading.Lock()
         self._ready = False
         self._lock = threading.Lock()
@@ -151,25 +154,40 @@ class SqlStore:
             with contextlib.suppress(Exception):
                 listener.close()
 
+    def published(self, task_id: str) -> None:
+        """PostgreSQL: ``task_id`` was sent while this process listens, so its outcome's notice
+        will reach the listener; its first wait then need not read the record first."""
+        listener = self._listener
+        if listener is not None and not listener.closed:
+            self._expected[task_id] = self._generation
+            if len(self._expected) > 4_096:  # published, never waited for
+                with contextlib.suppress(StopIteration, RuntimeError, KeyError):
+                    del self._expected[next(iter(self._expected))]
+
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """PostgreSQL: return when ``task_id``'s terminal write is notified on the registry's
         ``tq_done_*`` channel (or after ``seconds``); False where the store cannot wake a waiter
-        (SQLite, PgBouncer): poll."""
+        (SQLite, PgBouncer): poll.
+
+        A task this process sent while already listening (:meth:`published`) is first waited
+        for up to ``FIRST_WAIT`` s without a read: a short task's notice carries its record, so
+        ``get()`` reads nothing. Only then, as for any other task, is the record read once
+        listening (the outcome may have been written before)."""
         if self.is_sqlite or self.through_pgbouncer:
             return False
         with self._wait_lock:
             try:
                 if self._listener is None or self._listener.closed:
                     self._listener = self.direct.open_listener(NOTIFY_CHANNEL_SQL)
-                self._seen_done.pop(task_id, None)  # noticed before this wait: a read is fresher
+                    self._generation += 1  # a new listener: notices sent before it are not here
+                if self._expected.pop(task_id, None) == self._generation:
+                    if task_id in self._seen_done or self._take_notices(task_id, min(seconds, FIRST_WAIT)):
+                        return True
+                else:
+                    self._seen_done.pop(task_id, None)  # noticed before this wait: a read is fresher
                 if is_ready(task_id):
                     return True
-                for notice in self._listener.notifies(timeout=seconds):
-                    self._seen_done[notice_id(notice.payload)] = notice.payload  # row parsed if asked
-                    if len(self._seen_done) > 4_096:  # done ids another waiter of this process may want
-                        del self._seen_done[next(iter(self._seen_done))]
-                    if task_id in self._seen_done:
-                        break
+                self._take_notices(task_id, seconds)
             except Exception:  # a lost listener: the caller polls again; a new one next time
                 listener, self._listener = self._listener, None
                 if listener is not None:
@@ -177,6 +195,16 @@ class SqlStore:
                         listener.close()
                 time.sleep(min(seconds, 0.1))
         return True
+
+    def _take_notices(self, task_id: str, seconds: float) -> bool:
+        """Keep the listener's notices until one is ``task_id``'s (True) or ``seconds`` pass."""
+        for notice in self._listener.notifies(timeout=seconds):
+            self._seen_done[notice_id(notice.payload)] = notice.payload  # row parsed if asked
+            if len(self._seen_done) > 4_096:  # done ids another waiter of this process may want
+                del self._seen_done[next(iter(self._seen_done))]
+            if task_id in self._seen_done:
+                return True
+        return False
 
     def notified_row(self, task_id: str) -> Row | None:
         """The merged row the wake-up for ``task_id`` carried (once), or None: then read it."""

@@ -289,3 +289,40 @@ def test_a_version_2_schema_gains_deliveries_and_keeps_its_records(
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version FROM tq_schema").scalar() == SCHEMA_VERSION
     store.close()
+
+
+def test_a_postgresql_wait_for_a_task_sent_while_listening_reads_nothing(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``get()`` of a task this process sent while its listener was open waits for the notice
+    first; a short task's notice carries its record, so no read is made at all."""
+    store: Any = store_for_url(store_url("postgresql", request, tmp_path))
+    reads: list[str] = []
+
+    def is_ready(task_id: str) -> bool:
+        reads.append(task_id)
+        return False
+
+    store.published("before")  # no listener yet: nothing is noted
+    store.write([change("before", "SUCCESS", 0, submitted_at=time.time(), result="1")])
+    assert store.wait_for_outcome("before", 5.0, is_ready) and reads == ["before"]  # read as ever
+
+    store.published("sent")  # the listener is open now
+    writer = threading.Timer(
+        0.02, lambda: store.write([change("sent", "SUCCESS", 0, submitted_at=time.time(), result="2")])
+    )
+    writer.start()
+    assert store.wait_for_outcome("sent", 5.0, is_ready)
+    writer.join()
+    assert reads == ["before"]  # none for "sent"
+    assert (store.notified_row("sent") or {}).get("result") == "2"
+
+    store.published("done first")  # its outcome is written before anyone waits
+    store.write([change("done first", "SUCCESS", 0, submitted_at=time.time(), result="3")])
+    assert store.wait_for_outcome("done first", 5.0, is_ready)
+    assert reads == ["before"] and (store.notified_row("done first") or {}).get("result") == "3"
+
+    store.published("slow")  # still running after the first wait: read once, as for any task
+    started = time.monotonic()
+    assert store.wait_for_outcome("slow", 0.3, is_ready)
+    assert reads == ["before", "slow"] and time.monotonic() - started >= 0.3

@@ -188,9 +188,16 @@ def test_fanout_reaches_consumers_in_two_processes(url: str, procs: list[Any]) -
     assert results == {"fan0": list(range(10)), "fan1": list(range(10))}
 
 
-def _work_consumer(url: str, out: Any) -> None:
+def _work_consumer(url: str, ready: Any, out: Any) -> None:
     with Connection(url, transport_options=FAST) as conn:
-        out.put(drain(conn, Queue("work", Exchange("work"), "work"), idle=1.5))
+        got: list[Any] = []
+        queue = Queue("work", Exchange("work"), "work")
+        with Consumer(conn, [queue], callbacks=[lambda b, m: (got.append(b), m.ack())], prefetch_count=10):
+            ready.set()  # consuming: the test publishes once both are
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    conn.drain_events(timeout=1.5)
+        out.put(got)
 
 
 def test_no_double_delivery_with_two_consuming_processes(url: str, procs: list[Any]) -> None:
@@ -198,8 +205,10 @@ def test_no_double_delivery_with_two_consuming_processes(url: str, procs: list[A
     with Connection(url) as conn:
         queue(conn.default_channel).declare()
         out = CTX.Queue()
-        for _ in range(2):
-            start(procs, _work_consumer, url, out)
+        readies = [CTX.Event(), CTX.Event()]
+        for ready in readies:
+            start(procs, _work_consumer, url, ready, out)
+        assert all(r.wait(20) for r in readies)  # a late starter would find the queue drained
         producer = Producer(conn, exchange=queue.exchange, routing_key="work")
         for i in range(500):
             producer.publish(i)
