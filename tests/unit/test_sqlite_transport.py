@@ -192,7 +192,13 @@ def _work_consumer(url: str, ready: Any, out: Any) -> None:
     with Connection(url, transport_options=FAST) as conn:
         got: list[Any] = []
         queue = Queue("work", Exchange("work"), "work")
-        with Consumer(conn, [queue], callbacks=[lambda b, m: (got.append(b), m.ack())], prefetch_count=10):
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body)
+            message.ack()
+            time.sleep(0.002)  # a task's work: one consumer alone cannot drain 500 before the other polls
+
+        with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=10):
             ready.set()  # consuming: the test publishes once both are
             with contextlib.suppress(TimeoutError):
                 while True:
