@@ -188,7 +188,7 @@ def test_fanout_reaches_consumers_in_two_processes(url: str, procs: list[Any]) -
     assert results == {"fan0": list(range(10)), "fan1": list(range(10))}
 
 
-def _work_consumer(url: str, ready: Any, out: Any) -> None:
+def _work_consumer(url: str, ready: Any, done: Any, out: Any) -> None:
     with Connection(url, transport_options=FAST) as conn:
         got: list[Any] = []
         queue = Queue("work", Exchange("work"), "work")
@@ -196,13 +196,16 @@ def _work_consumer(url: str, ready: Any, out: Any) -> None:
         def on_message(body: Any, message: Any) -> None:
             got.append(body)
             message.ack()
+            with done.get_lock():
+                done.value += 1
             time.sleep(0.002)  # a task's work: one consumer alone cannot drain 500 before the other polls
 
         with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=10):
             ready.set()  # consuming: the test publishes once both are
-            with contextlib.suppress(TimeoutError):
-                while True:
-                    conn.drain_events(timeout=1.5)
+            deadline = time.monotonic() + 30
+            while done.value < 500 and time.monotonic() < deadline:  # both consume until all are done
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.2)
         out.put(got)
 
 
@@ -212,13 +215,14 @@ def test_no_double_delivery_with_two_consuming_processes(url: str, procs: list[A
         queue(conn.default_channel).declare()
         out = CTX.Queue()
         readies = [CTX.Event(), CTX.Event()]
+        done = CTX.Value("i", 0)
         for ready in readies:
-            start(procs, _work_consumer, url, ready, out)
+            start(procs, _work_consumer, url, ready, done, out)
         assert all(r.wait(20) for r in readies)  # a late starter would find the queue drained
         producer = Producer(conn, exchange=queue.exchange, routing_key="work")
         for i in range(500):
             producer.publish(i)
-        a, b = out.get(timeout=30), out.get(timeout=30)
+        a, b = out.get(timeout=40), out.get(timeout=40)
     assert sorted(a + b) == list(range(500))
     assert a and b  # both really competed
 
