@@ -206,18 +206,14 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             fields.update(run_of(request, started=True), started_at=now, worker=result["hostname"] or None)
 
             def started_meta() -> str:
-                return self._encoded_meta(base, task_id, result, state, traceback, request)
+                return str(dumps(self._result_meta(base, task_id, result, state, traceback, request)))
 
             enqueue(
                 self.store,
                 change(task_id, state, retries, submitted_at=now, meta=Deferred(started_meta), **fields),
             )
             return result
-        meta = celery_seam.base_result_meta(
-            base, result=result, state=state, traceback=traceback, request=request
-        )
-        meta["task_id"] = task_id
-        bound_call(meta)
+        meta = self._result_meta(base, task_id, result, state, traceback, request)
         if state == states.SUCCESS:
             meta.pop("result", None)
             try:
@@ -249,13 +245,16 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
         return result
 
     @staticmethod
-    def _encoded_meta(base: Any, task_id: str, result: Any, state: str, traceback: Any, request: Any) -> str:
+    def _result_meta(
+        base: Any, task_id: str, result: Any, state: str, traceback: Any, request: Any
+    ) -> dict[str, Any]:
+        """Celery's meta of a state (``base``: the backend's ``super()``), its call bounded."""
         meta = celery_seam.base_result_meta(
             base, result=result, state=state, traceback=traceback, request=request
         )
         meta["task_id"] = task_id
         bound_call(meta)
-        return str(dumps(meta))
+        return meta
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
         row = self.store.read([task_id])[0]

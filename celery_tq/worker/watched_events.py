@@ -18,10 +18,9 @@ of connecting; any other consumer of the event exchange within one heartbeat int
 On Redis (``tq+redis://``, ``redis://``, ``sentinel://``) events go out by PUBLISH, which
 answers how many subscribers got the message. After each worker event the probe publishes an
 empty batch of task events (``[]`` on the ``task.multi`` routing key: a receiver processes
-nothing) and reads that number: only task
-event monitors subscribe to it (other workers' gossip subscribes to ``worker.*`` alone, when
-kombu's ``fanout_patterns`` is on, its default; with it off every worker counts and events stay
-on).
+nothing) and reads that number: only task event monitors subscribe to it (other workers' gossip
+subscribes to ``worker.*`` alone, when kombu's ``fanout_patterns`` is on, its default; with it
+off every worker counts and events stay on).
 
 Nothing changes for a worker whose task events are off, on other transports, or with
 ``tq_pause_unwatched_events = False``. If a probe fails or times out (a broker under a memory
