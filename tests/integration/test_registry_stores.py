@@ -61,6 +61,38 @@ def test_states_only_move_forward_whatever_order_writes_arrive_in(store: Store, 
     )
 
 
+TEXTS = ['é ü 😀 \n " \\ \x01 end', "[1, 2]", "null", "", '{"a": 1}', "x" * 20_000]
+
+
+@pytest.mark.parametrize(
+    "text", TEXTS, ids=["unicode-and-controls", "json-list", "null", "empty", "json", "long"]
+)
+def test_every_store_keeps_text_values_and_times_exactly(store: Store, text: str) -> None:
+    submitted = 1_796_164_567.010274  # a float with every digit significant
+    queued = change("t", "QUEUED", 0, submitted_at=submitted, name="shop.charge", args_repr=text)
+    done = change(
+        "t",
+        "SUCCESS",
+        0,
+        submitted_at=submitted + 1,
+        started_at=submitted + 0.5,
+        finished_at=submitted + 0.75,
+        kwargs_repr=text,
+        result=json.dumps(text),
+    )
+    for batch in ([queued], [done]), ([queued, done],):
+        store.delete("t")
+        for write in batch:
+            store.write(write)
+        record = Registry(store).get("t")
+        assert record is not None
+        assert (record.args_repr, record.kwargs_repr, record.result) == (text, text, text)
+        assert record.submitted_at is not None and record.submitted_at.timestamp() == pytest.approx(
+            submitted, abs=1e-6
+        )
+        assert record.runtime == pytest.approx(0.25, abs=1e-6)
+
+
 def test_next_attempt_is_newer_than_the_retry_before_it(store: Store) -> None:
     writes = lifecycle("t1", 1000.0)
     store.write(writes[:3])
