@@ -79,18 +79,12 @@ def _priority(app: Celery) -> list[Finding]:
                 )
             )
     if (conf.worker_prefetch_multiplier or 0) > 1:
-        stall = (
-            "; on the embedded broker a worker holding more tasks than pool processes also answers "
-            "control commands (ping, inspect, Flower) only when a running task ends"
-            if kind == "embedded"
-            else ""
-        )
         findings.append(
             Finding(
                 "warning",
                 "prefetch-defeats-priority",
                 f"worker_prefetch_multiplier={conf.worker_prefetch_multiplier}: each worker "
-                f"reserves tasks before it sees more urgent ones{stall}",
+                "reserves tasks before it sees more urgent ones",
                 "set worker_prefetch_multiplier = 1 and task_acks_late = True",
             )
         )

@@ -444,12 +444,42 @@ class Transport(virtual.Transport):
     driver_type = "sqlite"
     driver_name = "sqlite3"
     connection_errors = (*virtual.Transport.connection_errors, sqlite3.OperationalError)
+    # A worker runs its event loop on this transport (Celery's ``should_use_eventloop`` reads
+    # ``asynchronous``), polling from a timer of the loop: Celery's event-loop prefork pool then
+    # gives each pool process its own pipes. Without it Celery falls back to billiard's pool with
+    # one shared job queue and its lock, which a pool process killed while waiting for a job
+    # (kill -9, the OOM killer) takes with it: the worker then never runs another task.
     implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct", "topic", "fanout"])
+        asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"])
     )
+    #: Most batches one turn of the event loop delivers before it lets the loop run again.
+    batches_per_turn = 8
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Poll from ``loop``: again on its next turn after a delivery, else after
+        ``polling_interval``; stops once the connection is closed (a reconnect registers anew)."""
+
+        def poll() -> None:
+            if not self.channels:  # closed: close_connection took its channels
+                return
+            delivered = False
+            try:
+                for _ in range(self.batches_per_turn):
+                    self.drain_events(connection, timeout=0)
+                    delivered = True
+            except (TimeoutError, Empty):  # socket.timeout: nothing to deliver
+                pass
+            finally:
+                if self.channels:
+                    if delivered:
+                        loop.call_soon(poll)
+                    else:
+                        loop.call_later(self.polling_interval or 0.01, poll)
+
+        loop.call_soon(poll)
 
 
 def waiting_counts(path: Path) -> dict[tuple[str, int], int]:

@@ -9,10 +9,10 @@ starts after at most concurrency + ``tq_prefetch_extra`` lower ones, because at 
 are in the worker's hands (running, reserved or on their way) when it reaches the broker.
 
 A prefetch count of 0 (no limit, ``worker_prefetch_multiplier=0``) stays unlimited. A worker
-without an event loop (a polling transport such as the embedded broker) reserves nothing extra:
-there Celery hands a task to a busy prefork pool with a blocking put, so a reserved task would
-stall the worker's main thread (control commands, ``celery inspect``, Flower's worker pages)
-until a pool process is free.
+without an event loop (a transport that cannot run in one) reserves nothing extra: there Celery
+hands a task to a busy prefork pool with a blocking put, so a reserved task would stall the
+worker's main thread (control commands, ``celery inspect``, Flower's worker pages) until a pool
+process is free. The embedded broker runs in the event loop (it polls from a timer of it).
 """
 
 from __future__ import annotations

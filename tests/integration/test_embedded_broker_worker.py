@@ -159,3 +159,49 @@ def test_queued_tasks_run_in_strict_priority_order(env: dict[str, str], worker: 
     ran = [tuple(map(int, line.split())) for line in order.read_text().splitlines()]
     expected = sorted(enumerate(prios), key=lambda sp: (-sp[1], sp[0]))
     assert ran == expected
+
+
+DEV_APP = """
+from celery import Celery
+
+import celery_tq
+
+app = Celery("devapp")
+celery_tq.install(app, preset="development")
+
+
+@app.task(name="devapp.add")
+def add(x, y):
+    return x + y
+"""
+
+
+def test_pool_processes_killed_while_idle_are_replaced_and_the_worker_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of the prefork pool processes while they wait for a task (the OOM killer does the
+    same): the development preset's worker replaces them and runs every task sent afterwards.
+    Without the event loop, billiard's shared job queue kept the lock of the process that was
+    reading it, and the worker never ran another task."""
+    import signal
+
+    from celery_tq.testing import WorkerProcess
+
+    (tmp_path / "devapp.py").write_text(textwrap.dedent(DEV_APP))
+    monkeypatch.setenv("TQ_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import devapp
+
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])])}
+    with WorkerProcess("devapp", pool="prefork", concurrency=2, cwd=tmp_path, env=env) as worker:
+        assert devapp.add.delay(1, 2).get(timeout=30) == 3
+        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True)
+        pool = [int(pid) for pid in children.stdout.split()]
+        assert len(pool) == 2, worker.log
+        time.sleep(0.5)  # both idle, waiting for a task (one of them holding billiard's read lock)
+        for pid in pool:
+            os.kill(pid, signal.SIGKILL)
+        results = [devapp.add.delay(i, i) for i in range(6)]
+        assert [r.get(timeout=30) for r in results] == [2 * i for i in range(6)], worker.log
+        assert worker.log.count("exited with 'signal 9 (SIGKILL)'") == 2
+    sys.modules.pop("devapp", None)
