@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from celery_tq.testing import WorkerProcess
+from tests.processes import children
 
 APP = """
 import os
@@ -183,10 +187,6 @@ def test_pool_processes_killed_while_idle_are_replaced_and_the_worker_runs_on(
     same): the development preset's worker replaces them and runs every task sent afterwards.
     Without the event loop, billiard's shared job queue kept the lock of the process that was
     reading it, and the worker never ran another task."""
-    import signal
-
-    from celery_tq.testing import WorkerProcess
-
     (tmp_path / "devapp.py").write_text(textwrap.dedent(DEV_APP))
     monkeypatch.setenv("TQ_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -195,8 +195,7 @@ def test_pool_processes_killed_while_idle_are_replaced_and_the_worker_runs_on(
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])])}
     with WorkerProcess("devapp", pool="prefork", concurrency=2, cwd=tmp_path, env=env) as worker:
         assert devapp.add.delay(1, 2).get(timeout=30) == 3
-        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True)
-        pool = [int(pid) for pid in children.stdout.split()]
+        pool = children(worker.pid)
         assert len(pool) == 2, worker.log
         time.sleep(0.5)  # both idle, waiting for a task (one of them holding billiard's read lock)
         for pid in pool:

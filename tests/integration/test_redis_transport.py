@@ -67,11 +67,6 @@ def shared_db(redis_host: str) -> Iterator[str]:
     client.close()
 
 
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
 def test_kill_9_of_a_prefork_child_loses_nothing(shared_db: str, run_factory: Callable[..., Run]) -> None:
     victim = N_TASKS // 4
     run = run_factory(shared_db, env={"RT_VICTIM": str(victim)})

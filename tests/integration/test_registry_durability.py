@@ -19,6 +19,7 @@ import pytest
 
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
+from tests.processes import children
 from tests.registry_support import pg_url, store_url
 
 __all__ = ["pg_url"]
@@ -96,10 +97,6 @@ def _wait_all_done(registry: Registry, ids: list[str], timeout: float) -> dict[s
         time.sleep(0.2)
 
 
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def _wait_successes(registry: Registry, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while registry.counts().get("SUCCESS", 0) < n:
@@ -134,7 +131,7 @@ def test_kill_9_of_pool_processes_loses_no_result(durable: Durable, tmp_path: Pa
         assert worker.process is not None
         for fraction in (4, 2):  # two kills, each of a busy pool process
             _wait_successes(registry, N_TASKS // fraction)
-            os.kill(_children(worker.process.pid)[0], signal.SIGKILL)
+            os.kill(children(worker.process.pid)[0], signal.SIGKILL)
         records = _wait_all_done(registry, ids, timeout=120)
     finally:
         worker.stop()
