@@ -21,10 +21,12 @@ __all__ = [
     "DELIVERIES",
     "DESCRIPTIVE",
     "FINAL",
+    "FIRST_WAIT",
     "OUTCOME",
     "QUEUED",
     "STATES",
     "TERMINAL",
+    "WAKE_ROW_MAX",
     "Query",
     "Row",
     "TaskRecord",
@@ -51,6 +53,12 @@ STATE_MAX = 64  # longest state name a store keeps (custom states included)
 _RANK = {"QUEUED": 0, "RETRY": 1, "STARTED": 2}
 CUSTOM_RANK = 3
 FINAL = 1_000_000  # progress of a terminal state: FINAL + retries * 10
+# A terminal write wakes a waiting ``get()`` (PostgreSQL NOTIFY, Redis PUBLISH) with the merged
+# row when its JSON is at most this many bytes (with an id of 155 characters, under PostgreSQL's
+# 8,000-byte payload); a task this process sent while listening is first waited for FIRST_WAIT s
+# without a read.
+WAKE_ROW_MAX = 7_300
+FIRST_WAIT = 0.05
 
 # Newest write wins outright (even with None): what happened to the latest attempt.
 OUTCOME = ("state", "progress", "result", "error", "finished_at", "runtime", "retries", "meta")

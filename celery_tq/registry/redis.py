@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from celery_tq.registry.kvlist import by_score, scored
-from celery_tq.registry.record import FINAL, Query, Row, fold
+from celery_tq.registry.record import FINAL, FIRST_WAIT, WAKE_ROW_MAX, Query, Row, fold
 
 __all__ = ["RedisStore"]
 
@@ -117,7 +117,12 @@ for f, v in pairs(row) do if old[f] ~= v then table.insert(flat, f); table.inser
 if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 redis.call('SADD', prefix .. 'states', row['state'])
 if tonumber(new['progress']) >= final then  -- wakes a client waiting in get()
-  redis.call('PUBLISH', prefix .. 'done:' .. id, row['state'])
+  local channel, payload = prefix .. 'done:' .. id, row['state']
+  if redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 then  -- someone waits: the row, if small
+    local whole = cjson.encode(row)
+    if #whole <= tonumber(ARGV[5]) then payload = whole end
+  end
+  redis.call('PUBLISH', channel, payload)
 end
 return 1
 """
@@ -150,42 +155,111 @@ class RedisStore:
         )
         self._merge: Any = self.client.register_script(_MERGE)
         self._delete = self.client.register_script(_DELETE)
-        self._pubsub: Any = None
+        self._pubsub: Any = None  # opened by the first wait in get()
+        self._prefix_done = f"{self.prefix}done:".encode()
+        self._expected: str | None = None  # sent by this process, subscribed to, not waited for yet
+        self._seen_done: dict[str, bytes] = {}  # task id: the payload of its wake-up
         self._wait_lock = threading.Lock()
 
-    def notified_row(self, task_id: str) -> Row | None:
-        return None  # a wake-up here carries no row: the caller reads it
-
     def published(self, task_id: str) -> None:
-        """Nothing to note: a wait here starts listening for the one task, then reads it."""
+        """``task_id`` was just sent by this process. If it has waited in ``get()`` before (its
+        listening connection is open and free) and waits for what it sends (no task it sent
+        earlier is still subscribed to), subscribe to the task's outcome now, without waiting
+        for Redis's answer: a short task's ``get()`` then takes its record from the wake-up and
+        reads nothing. At most one task is subscribed to ahead: a process that sends many tasks
+        without waiting pays nothing per task."""
+        pubsub = self._pubsub
+        if pubsub is None or self._expected is not None or not self._wait_lock.acquire(blocking=False):
+            return  # never waited here, a task sent before is not waited for yet, or a wait is on
+        try:
+            if self._expected is None:
+                pubsub.subscribe(self._done(task_id))
+                self._expected = task_id
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._drop_listener()
+        finally:
+            self._wait_lock.release()
 
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """Return when ``task_id``'s terminal state is written (the merge script publishes it on
-        ``tq:done:<id>``) or after ``seconds``; ``is_ready`` closes the race with the subscription."""
-        channel = f"{self.prefix}done:{task_id}"
+        ``tq:done:<id>``, with the merged row when it is small) or after ``seconds``.
+
+        A task subscribed to when it was sent (:meth:`published`) is first waited for up to
+        ``FIRST_WAIT`` s without a read. Otherwise, and if that wait runs out, the store
+        subscribes and then calls ``is_ready`` (it reads the record), which closes the race
+        with the outcome's write. A wait ends the subscription made ahead for another task."""
+        channel = self._done(task_id)
         with self._wait_lock:
             if self._pubsub is None:
-                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self._pubsub = self.client.pubsub()
             pubsub = self._pubsub
             try:
-                pubsub.subscribe(channel)
+                ahead, self._expected = self._expected, None
                 try:
+                    if ahead == task_id:
+                        if task_id in self._seen_done or self._take(
+                            pubsub, task_id, min(seconds, FIRST_WAIT)
+                        ):
+                            return True
+                    else:
+                        if ahead is not None:
+                            pubsub.unsubscribe(self._done(ahead))
+                        self._seen_done.pop(task_id, None)  # woken before this wait: a read is fresher
+                        pubsub.subscribe(channel)
                     if is_ready(task_id):
                         return True
-                    deadline = time.monotonic() + seconds
-                    while (remaining := deadline - time.monotonic()) > 0:
-                        message = pubsub.get_message(timeout=remaining)
-                        if message and message.get("channel") in (channel, channel.encode()):
-                            return True
+                    self._take(pubsub, task_id, seconds)
                 finally:
                     pubsub.unsubscribe(channel)
             except (redis.ConnectionError, redis.TimeoutError):
                 # the caller polls again (through the backend's retries); a new connection next time
-                self._pubsub = None
-                with contextlib.suppress(Exception):
-                    pubsub.close()
+                self._drop_listener()
                 time.sleep(min(seconds, 0.1))
         return True
+
+    def notified_row(self, task_id: str) -> Row | None:
+        """The merged row the wake-up for ``task_id`` carried (taken once), or None: read it."""
+        with self._wait_lock:
+            payload = self._seen_done.pop(task_id, None)
+        if not payload or not payload.startswith(b"{"):
+            return None  # a bare state: the row was too big, or written by an earlier release
+        try:
+            fields = json.loads(payload)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(fields, dict) or fields.get("id") != task_id or "state" not in fields:
+            return None
+        if not all(isinstance(v, str) for v in fields.values()):
+            return None
+        return _typed(fields)
+
+    def _done(self, task_id: str) -> str:
+        return f"{self.prefix}done:{task_id}"
+
+    def _take(self, pubsub: Any, task_id: str, seconds: float) -> bool:
+        """Read wake-ups until ``task_id``'s (True; kept for :meth:`notified_row`) or until
+        ``seconds`` pass; those of tasks nobody waits for any more are dropped."""
+        deadline, start = time.monotonic() + seconds, len(self._prefix_done)
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=remaining)
+            if (
+                message is not None
+                and message.get("type") == "message"
+                and bytes(message["channel"])[start:].decode(errors="replace") == task_id
+            ):
+                self._seen_done[task_id] = bytes(message["data"])
+                if len(self._seen_done) > 64:  # woken, never asked for its row
+                    del self._seen_done[next(iter(self._seen_done))]
+                return True
+        return False
+
+    def _drop_listener(self) -> None:
+        """Close a listening connection that failed; the next use opens a new one."""
+        pubsub, self._pubsub = self._pubsub, self.client.pubsub()  # connects when first used
+        self._expected = None  # subscribed on the connection that is gone
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}t:{task_id}"
@@ -223,6 +297,7 @@ class RedisStore:
             change["id"],
             FINAL,
             json.dumps(fields, ensure_ascii=False, separators=(",", ":")),
+            WAKE_ROW_MAX,
         ]
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:
@@ -357,7 +432,11 @@ def _bounds(query: Query) -> tuple[str, str]:
 
 
 def _decode(raw: dict[bytes, bytes]) -> Row:
-    row: Row = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+    return _typed({k.decode(): v.decode(errors="replace") for k, v in raw.items()})
+
+
+def _typed(row: Row) -> Row:
+    """A row of the hash's strings with its numbers as numbers (as :meth:`RedisStore.read` gives)."""
     for field, kind in [*((f, int) for f in _INTS), *((f, float) for f in _FLOATS)]:
         if field in row:
             with contextlib.suppress(ValueError):  # else left as text: to_record names it corrupt

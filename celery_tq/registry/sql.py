@@ -45,7 +45,7 @@ from sqlalchemy.sql import ColumnElement, FromClause
 
 from celery_tq.errors import StorageError
 from celery_tq.registry.kvlist import by_score, scored
-from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, fold
+from celery_tq.registry.record import COLUMNS, FINAL, FIRST_WAIT, STATE_MAX, TERMINAL, Query, Row, fold
 from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
 from celery_tq.registry.sql_merge import (
     NOTIFY_CHANNEL_SQL,
@@ -60,7 +60,6 @@ __all__ = ["SCHEMA_VERSION", "SqlStore"]
 # 2: state names up to 64 characters (custom states); terminal states are final
 # 3: deliveries (runs started) and the id of the run counted last
 SCHEMA_VERSION = 3
-FIRST_WAIT = 0.05  # s a task sent while listening is waited for before its record is read
 ID = String(155)
 RUN_ID_MAX = 64
 metadata = MetaData()

@@ -14,7 +14,7 @@ import functools
 import json
 from collections.abc import Sequence
 
-from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME, Row
+from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME, WAKE_ROW_MAX, Row
 
 __all__ = ["NOTIFY_CHANNEL_SQL", "SQL_TYPES", "notice_id", "parse_notice", "tag_upsert_sqlite", "task_upsert"]
 
@@ -23,7 +23,7 @@ __all__ = ["NOTIFY_CHANNEL_SQL", "SQL_TYPES", "notice_id", "parse_notice", "tag_
 # each other's notices, which carry a row for a task id both may use. SQL, evaluated by the
 # writer's and the listener's sessions alike (same URL, same search_path).
 NOTIFY_CHANNEL_SQL = "'tq_done_' || left(md5(coalesce(current_schema(), '')), 16)"
-NOTICE_ROW_MAX = 7_300  # bytes of row JSON a notice carries: with an id of 155 characters, under 8,000
+NOTICE_ROW_MAX = WAKE_ROW_MAX  # bytes of row JSON a notice carries
 
 # Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
 SQL_TYPES = {

@@ -225,10 +225,11 @@ def test_a_waiter_is_woken_by_the_outcome_write_where_the_store_can(store: Store
 
 
 @pytest.mark.parametrize("size", ["small", "past a notification's 8,000 bytes"])
-def test_the_postgresql_wake_up_carries_the_record_a_read_would_give(
-    size: str, request: pytest.FixtureRequest, tmp_path: Path
+@pytest.mark.parametrize("kind", ["postgresql", "redis"])
+def test_the_wake_up_carries_the_record_a_read_would_give(
+    kind: str, size: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    store = store_for_url(store_url("postgresql", request, tmp_path))
+    store = store_for_url(store_url(kind, request, tmp_path))
     result = json.dumps("x" * (20 if size == "small" else 9_000))
     store.write([change("n 1", "QUEUED", 0, submitted_at=time.time(), tags=("vip",), name="shop.charge")])
     woke: list[bool] = []
@@ -323,12 +324,16 @@ def test_a_version_2_schema_gains_deliveries_and_keeps_its_records(
     store.close()
 
 
-def test_a_postgresql_wait_for_a_task_sent_while_listening_reads_nothing(
-    request: pytest.FixtureRequest, tmp_path: Path
+@pytest.mark.parametrize("kind", ["postgresql", "redis"])
+def test_a_wait_for_a_task_sent_while_listening_reads_nothing(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """``get()`` of a task this process sent while its listener was open waits for the notice
-    first; a short task's notice carries its record, so no read is made at all."""
-    store: Any = store_for_url(store_url("postgresql", request, tmp_path))
+    """``get()`` of a task this process sent while its listener was open waits for the wake-up
+    first; a short task's wake-up carries its record, so no read is made at all."""
+    from celery_tq.registry.redis import RedisStore
+
+    url = store_url(kind, request, tmp_path)
+    store: Any = RedisStore(url) if kind == "redis" else store_for_url(url)  # not listening yet
     reads: list[str] = []
 
     def is_ready(task_id: str) -> bool:
@@ -358,3 +363,60 @@ def test_a_postgresql_wait_for_a_task_sent_while_listening_reads_nothing(
     started = time.monotonic()
     assert store.wait_for_outcome("slow", 0.3, is_ready)
     assert reads == ["before", "slow"] and time.monotonic() - started >= 0.3
+
+
+def test_a_redis_client_that_sends_without_waiting_subscribes_to_one_task_ahead_at_most(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A process that waited once subscribes to the next task it sends; one that then sends
+    many tasks without waiting holds that one subscription and no more (sending costs it
+    nothing), and a wait for another task ends it."""
+    from celery_tq.registry.redis import RedisStore
+
+    store: Any = RedisStore(store_url("redis", request, tmp_path))
+    channels = f"{store.prefix}done:*"
+    store.write([change("first", "SUCCESS", 0, submitted_at=time.time(), result="1")])
+    assert store.wait_for_outcome("first", 1.0, lambda _: True)  # the listener is open now
+    sent = [f"t{n}" for n in range(200)]
+    for task_id in sent:
+        store.published(task_id)
+        store.write([change(task_id, "SUCCESS", 0, submitted_at=time.time(), result=f'"{task_id}"')])
+    assert store.client.pubsub_channels(channels) == [f"{store.prefix}done:t0".encode()]
+    reads: list[str] = []
+
+    def is_ready(task_id: str) -> bool:
+        reads.append(task_id)
+        return True
+
+    assert store.wait_for_outcome("t0", 1.0, is_ready)  # subscribed ahead: no read
+    assert reads == [] and (store.notified_row("t0") or {}).get("result") == '"t0"'
+    assert store.wait_for_outcome("t150", 1.0, is_ready) and reads == ["t150"]  # read as ever
+    store.published("last")
+    assert store.wait_for_outcome("t151", 1.0, is_ready) and reads == ["t150", "t151"]
+    deadline = time.monotonic() + 5.0  # UNSUBSCRIBE is sent without waiting for Redis's answer
+    while store.client.pubsub_channels(channels) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.client.pubsub_channels(channels) == []  # the wait for t151 ended "last"'s
+
+
+def test_a_redis_wait_survives_the_loss_of_its_listening_connection(tmp_path: Path) -> None:
+    """The connection subscribed when the task was sent is killed before the outcome is written:
+    the wake-up is lost, and ``get()``'s wait reads the record after its first short wait."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        store: Any = store_for_url(f"{server.url}/0")
+        assert store.wait_for_outcome("warm-up", 0.01, lambda _: True)  # the listener is open now
+        store.published("t")
+        assert store.client.client_kill_filter(_type="pubsub") == 1
+        store.write([change("t", "SUCCESS", 0, submitted_at=time.time(), result="7")])
+        started = time.monotonic()
+        assert store.wait_for_outcome("t", 5.0, lambda _: False)  # returns: the caller reads
+        assert time.monotonic() - started < 1.0  # not the 5 s it would wait for a lost wake-up
+        assert store.notified_row("t") is None and store.read(["t"])[0]["result"] == "7"
+        store.published("u")  # and the next task is subscribed to again
+        store.write([change("u", "SUCCESS", 0, submitted_at=time.time(), result="8")])
+        assert store.wait_for_outcome("u", 5.0, lambda _: False)
+        assert (store.notified_row("u") or {}).get("result") == "8"
+    finally:
+        server.stop()
