@@ -20,7 +20,7 @@ from celery import Celery
 from celery_tq.routing import broker_kind, to_broker_priority
 from celery_tq.settings import settings_for
 
-__all__ = ["QueueDepth", "Snapshot", "queue_depths", "queue_waits", "snapshot"]
+__all__ = ["QueueDepth", "Snapshot", "oldest_waiting", "queue_depths", "queue_waits", "snapshot"]
 
 WINDOW = 3600.0  # failures by tag, throughput and waits look at the last hour
 RECENT_LIMIT = 2000
@@ -125,11 +125,6 @@ def snapshot(app: Celery, registry: Any) -> Snapshot:
             for tag in r.tags:
                 failures[tag] = failures.get(tag, 0) + 1
     waits = queue_waits(finished)
-    oldest: dict[int, dict[str, Any]] = {}
-    for r in registry.query(state="QUEUED", limit=RECENT_LIMIT):
-        age = now - _epoch(r.submitted_at) if r.submitted_at else 0.0
-        if r.priority not in oldest or age > oldest[r.priority]["age_s"]:
-            oldest[r.priority] = {"id": r.id, "name": r.name, "age_s": round(age, 1)}
     return Snapshot(
         at=datetime.fromtimestamp(now, UTC).isoformat(),
         broker=broker_kind(app.conf.broker_url),
@@ -141,8 +136,19 @@ def snapshot(app: Celery, registry: Any) -> Snapshot:
         queue_wait_ms={
             p: _percentiles([1000 * s for s in seconds]) for p, seconds in sorted(waits.items(), reverse=True)
         },
-        oldest_waiting=dict(sorted(oldest.items(), reverse=True)),
+        oldest_waiting=oldest_waiting(registry, now),
     )
+
+
+def oldest_waiting(registry: Any, now: float) -> dict[int, dict[str, Any]]:
+    """The ``QUEUED`` task waiting longest at each priority (highest priority first): one
+    oldest-first query per priority, so a backlog of any size names its real oldest task."""
+    oldest: dict[int, dict[str, Any]] = {}
+    for priority in range(9, -1, -1):
+        for r in registry.query(state="QUEUED", priority=priority, limit=1, oldest_first=True):
+            age = now - _epoch(r.submitted_at) if r.submitted_at else 0.0
+            oldest[priority] = {"id": r.id, "name": r.name, "age_s": round(age, 1)}
+    return oldest
 
 
 def queue_waits(records: Iterable[Any]) -> dict[int, list[float]]:

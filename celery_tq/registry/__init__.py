@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -46,7 +47,8 @@ class Store(Protocol):
         already may wait for its outcome without reading its record first."""
 
     def query(self, query: Query) -> list[Row]:
-        """Rows matching ``query``, newest ``submitted_at`` first, at most ``query.limit``."""
+        """Rows matching ``query``, newest ``submitted_at`` first (oldest first with
+        ``query.oldest_first``), at most ``query.limit``."""
 
     def counts(self, query: Query) -> dict[str, int]: ...
 
@@ -100,13 +102,19 @@ class Registry:
         until: datetime | float | None = None,
         root_id: str | None = None,
         limit: int = 100,
+        oldest_first: bool = False,
     ) -> list[TaskRecord]:
-        """Records matching every given filter (``tags``: all of them), newest first.
+        """Records matching every given filter (``tags``: all of them), newest first (by
+        ``submitted_at``; oldest first with ``oldest_first=True``, e.g. the longest waiting
+        ``QUEUED`` task of a backlog).
 
         A corrupt record is skipped and logged as a ``StorageError`` naming its id.
         """
         self._flush()
-        q = _query(state, tags, name, queue, priority, since, until, root_id, limit)
+        q = replace(
+            _query(state, tags, name, queue, priority, since, until, root_id, limit),
+            oldest_first=oldest_first,
+        )
         records = []
         for row in self.store.query(q):
             try:

@@ -59,7 +59,7 @@ class MemoryStore:
 
     def query(self, query: Query) -> list[Row]:
         rows = self._matching(query)
-        rows.sort(key=lambda r: r.get("submitted_at") or 0.0, reverse=True)
+        rows.sort(key=lambda r: r.get("submitted_at") or 0.0, reverse=not query.oldest_first)
         return rows[: query.limit]
 
     def counts(self, query: Query) -> dict[str, int]:

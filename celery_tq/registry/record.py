@@ -133,6 +133,7 @@ class Query:
     until: float | None = None
     root_id: str | None = None
     limit: int = 100
+    oldest_first: bool = False  # else newest ``submitted_at`` first
 
     def matches(self, row: Row) -> bool:
         """The same filters in Python (memory store, and re-checks)."""

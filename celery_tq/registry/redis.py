@@ -323,7 +323,10 @@ class RedisStore:
         if len(keys) > 1:
             source = f"{self.prefix}tmp:{uuid.uuid4().hex}"
             pipe.zinterstore(source, keys, aggregate="MIN")
-        pipe.zrevrangebyscore(source, high, low, start=0, num=query.limit)
+        if query.oldest_first:
+            pipe.zrangebyscore(source, low, high, start=0, num=query.limit)
+        else:
+            pipe.zrevrangebyscore(source, high, low, start=0, num=query.limit)
         if len(keys) > 1:
             pipe.delete(source)
         ids = pipe.execute()[1 if len(keys) > 1 else 0]
@@ -331,7 +334,7 @@ class RedisStore:
         root = self._root_row(query)
         if root is not None and root["id"] not in {r["id"] for r in rows}:
             rows.append(root)
-            rows.sort(key=lambda r: float(r.get("submitted_at") or 0.0), reverse=True)
+            rows.sort(key=lambda r: float(r.get("submitted_at") or 0.0), reverse=not query.oldest_first)
             del rows[query.limit :]
         return rows
 

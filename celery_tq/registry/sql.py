@@ -297,7 +297,8 @@ class SqlStore:
     def query(self, query: Query) -> list[Row]:
         self._ensure_schema()
         source, conditions, order, _ = _filters(query)
-        stmt = select(tasks).select_from(source).where(*conditions).order_by(order.desc()).limit(query.limit)
+        ordered = order.asc() if query.oldest_first else order.desc()
+        stmt = select(tasks).select_from(source).where(*conditions).order_by(ordered).limit(query.limit)
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(stmt)]
 

@@ -420,3 +420,27 @@ def test_a_redis_wait_survives_the_loss_of_its_listening_connection(tmp_path: Pa
         assert (store.notified_row("u") or {}).get("result") == "8"
     finally:
         server.stop()
+
+
+def test_a_backlog_of_any_size_names_its_oldest_waiting_task_per_priority(store: Store) -> None:
+    """``tq status``'s "oldest waiting" with more QUEUED records than it reads newest-first
+    (2,000): an oldest-first query per priority finds the task that really waits longest."""
+    from celery_tq.monitoring.monitor import RECENT_LIMIT, oldest_waiting
+
+    now = time.time()
+    backlog = [
+        change(f"q{n:05d}", "QUEUED", 0, submitted_at=now - 3600 + n, name="shop.ship", priority=4)
+        for n in range(RECENT_LIMIT + 500)
+    ]
+    backlog.append(change("urgent", "QUEUED", 0, submitted_at=now - 5, name="shop.alert", priority=9))
+    backlog.append(change("ran", "SUCCESS", 0, submitted_at=now - 7200, name="shop.ship", priority=4))
+    for start in range(0, len(backlog), 500):
+        store.write(backlog[start : start + 500])
+    registry = Registry(store)
+    waiting = oldest_waiting(registry, now)
+    assert list(waiting) == [9, 4]
+    assert (waiting[4]["id"], waiting[4]["name"]) == ("q00000", "shop.ship")
+    assert 3599 <= waiting[4]["age_s"] <= 3601 and waiting[9]["id"] == "urgent"
+    oldest = registry.query(state="QUEUED", limit=3, oldest_first=True)
+    assert [r.id for r in oldest] == ["q00000", "q00001", "q00002"]
+    assert [r.id for r in registry.query(state="QUEUED", limit=2)] == ["urgent", f"q{RECENT_LIMIT + 499:05d}"]
