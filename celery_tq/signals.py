@@ -139,7 +139,8 @@ class _Recorder:
             fields["meta"] = published_call(headers, body)
         row = change(headers["id"], QUEUED, retries, submitted_at=time.time(), **fields)
         store = target[0]
-        store.published(row["id"])
+        if not headers.get("ignore_result"):  # nobody waits for it: nothing to listen for
+            store.published(row["id"])
         after_send(lambda: enqueue(store, row))  # once the message has left (a batched publish)
 
     def on_started(self, sender: Any = None, task_id: str = "", task: Any = None, **kw: Any) -> None:

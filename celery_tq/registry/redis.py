@@ -376,6 +376,15 @@ class RedisStore:
 
     def delete(self, task_id: str) -> None:
         self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id])
+        if self._expected == task_id and self._wait_lock.acquire(blocking=False):  # forget(): nobody waits
+            try:
+                if self._expected == task_id and self._pubsub is not None:
+                    self._expected = None
+                    self._pubsub.unsubscribe(self._done(task_id))
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._drop_listener()
+            finally:
+                self._wait_lock.release()
 
     def purge(self, before: float) -> int:
         purged = 0

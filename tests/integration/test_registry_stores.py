@@ -391,7 +391,10 @@ def test_a_redis_client_that_sends_without_waiting_subscribes_to_one_task_ahead_
     assert store.wait_for_outcome("t0", 1.0, is_ready)  # subscribed ahead: no read
     assert reads == [] and (store.notified_row("t0") or {}).get("result") == '"t0"'
     assert store.wait_for_outcome("t150", 1.0, is_ready) and reads == ["t150"]  # read as ever
+    store.published("forgotten")
+    store.delete("forgotten")  # AsyncResult.forget(): its subscription ends too
     store.published("last")
+    assert store._expected == "last"
     assert store.wait_for_outcome("t151", 1.0, is_ready) and reads == ["t150", "t151"]
     deadline = time.monotonic() + 5.0  # UNSUBSCRIBE is sent without waiting for Redis's answer
     while store.client.pubsub_channels(channels) and time.monotonic() < deadline:
