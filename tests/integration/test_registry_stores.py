@@ -229,25 +229,28 @@ def test_a_waiter_is_woken_by_the_outcome_write_where_the_store_can(store: Store
 def test_the_wake_up_carries_the_record_a_read_would_give(
     kind: str, size: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    import uuid
+
     store = store_for_url(store_url(kind, request, tmp_path))
+    task_id = f"n {uuid.uuid4().hex}"  # never a record or wake-up of an earlier test
     result = json.dumps("x" * (20 if size == "small" else 9_000))
-    store.write([change("n 1", "QUEUED", 0, submitted_at=time.time(), tags=("vip",), name="shop.charge")])
+    store.write([change(task_id, "QUEUED", 0, submitted_at=time.time(), tags=("vip",), name="shop.charge")])
     woke: list[bool] = []
     waiter = threading.Thread(
-        target=lambda: woke.append(store.wait_for_outcome("n 1", 30.0, lambda _: False))
+        target=lambda: woke.append(store.wait_for_outcome(task_id, 30.0, lambda _: False))
     )
     waiter.start()
     time.sleep(0.3)  # listening by now
-    store.write([change("n 1", "SUCCESS", 0, submitted_at=time.time(), result=result, worker="w1")])
+    store.write([change(task_id, "SUCCESS", 0, submitted_at=time.time(), result=result, worker="w1")])
     waiter.join(10.0)
     assert woke == [True]
-    carried = store.notified_row("n 1")
+    carried = store.notified_row(task_id)
     if size == "small":
-        assert carried == store.read(["n 1"])[0]  # same columns, types and values
+        assert carried == store.read([task_id])[0]  # same columns, types and values
         assert carried is not None and (carried["state"], carried["result"]) == ("SUCCESS", result)
     else:
-        assert carried is None  # too big for the notification: the caller reads it
-    assert store.notified_row("n 1") is None  # taken once
+        assert carried is None, {k: str(v)[:80] for k, v in carried.items()}  # too big: read it
+    assert store.notified_row(task_id) is None  # taken once
 
 
 def test_a_postgresql_registry_never_takes_the_notice_of_another_schemas_registry(
