@@ -5,7 +5,9 @@ Keys (prefix ``tq:``): ``t:<id>`` (the row), ``i:all``, ``i:state:<S>``, ``i:nam
 ``i:tag:<T>`` (indexes), ``kv:<key>``.
 The forward-only merge and the index moves run in one Lua script per write, so concurrent
 writers never interleave; a batch of writes is one pipeline. A terminal write is also published
-on ``tq:done:<id>``, which wakes a client waiting in ``get()``; ``tq:states`` lists the states seen.
+on ``tq:<db>:done:<id>``, which wakes a client waiting in ``get()`` (Redis pub/sub spans every
+database of a server: the number keeps a registry from waking, or handing its record to, a waiter
+of another database's registry); ``tq:states`` lists the states seen.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ for f, v in pairs(row) do if old[f] ~= v then table.insert(flat, f); table.inser
 if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 redis.call('SADD', prefix .. 'states', row['state'])
 if tonumber(new['progress']) >= final then  -- wakes a client waiting in get()
-  local channel, payload = prefix .. 'done:' .. id, row['state']
+  local channel, payload = ARGV[6] .. id, row['state']
   if redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 then  -- someone waits: the row, if small
     local whole = cjson.encode(row)
     if #whole <= tonumber(ARGV[5]) then payload = whole end
@@ -156,7 +158,9 @@ class RedisStore:
         self._merge: Any = self.client.register_script(_MERGE)
         self._delete = self.client.register_script(_DELETE)
         self._pubsub: Any = None  # opened by the first wait in get()
-        self._prefix_done = f"{self.prefix}done:".encode()
+        db = self.client.connection_pool.connection_kwargs.get("db") or 0
+        self._channels = f"{self.prefix}{db}:done:"  # + task id: the wake-up channel of a task
+        self._prefix_done = self._channels.encode()
         self._expected: str | None = None  # sent by this process, subscribed to, not waited for yet
         self._seen_done: dict[str, bytes] = {}  # task id: the payload of its wake-up
         self._wait_lock = threading.Lock()
@@ -182,7 +186,7 @@ class RedisStore:
 
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """Return when ``task_id``'s terminal state is written (the merge script publishes it on
-        ``tq:done:<id>``, with the merged row when it is small) or after ``seconds``.
+        ``tq:<db>:done:<id>``, with the merged row when it is small) or after ``seconds``.
 
         A task subscribed to when it was sent (:meth:`published`) is first waited for up to
         ``FIRST_WAIT`` s without a read. Otherwise, and if that wait runs out, the store
@@ -234,7 +238,7 @@ class RedisStore:
         return _typed(fields)
 
     def _done(self, task_id: str) -> str:
-        return f"{self.prefix}done:{task_id}"
+        return f"{self._channels}{task_id}"
 
     def _take(self, pubsub: Any, task_id: str, seconds: float) -> bool:
         """Read wake-ups until ``task_id``'s (True; kept for :meth:`notified_row`) or until
@@ -298,6 +302,7 @@ class RedisStore:
             FINAL,
             json.dumps(fields, ensure_ascii=False, separators=(",", ":")),
             WAKE_ROW_MAX,
+            self._channels,
         ]
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:

@@ -285,6 +285,33 @@ def test_a_postgresql_registry_never_takes_the_notice_of_another_schemas_registr
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def test_a_redis_registry_never_takes_the_wake_up_of_another_databases_registry(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Redis pub/sub spans a server's databases: a waiter of the registry in one database is
+    neither woken by nor handed the record of the same task id in another database's."""
+    import uuid
+
+    from celery_tq.registry.redis import RedisStore
+
+    theirs_url, mine_url = request.getfixturevalue("redis_dbs")  # two databases of one server
+    mine, theirs = RedisStore(mine_url), RedisStore(theirs_url)
+    task_id = f"shared {uuid.uuid4().hex}"
+    mine.write([change(task_id, "QUEUED", 0, submitted_at=time.time())])
+    theirs.write([change(task_id, "QUEUED", 0, submitted_at=time.time())])
+    woke: list[bool] = []
+    started = time.monotonic()
+    waiter = threading.Thread(
+        target=lambda: woke.append(mine.wait_for_outcome(task_id, 2.0, lambda _: False))
+    )
+    waiter.start()
+    time.sleep(0.3)  # listening by now
+    theirs.write([change(task_id, "SUCCESS", 0, submitted_at=time.time(), result='"theirs"')])
+    waiter.join(10.0)
+    assert woke == [True] and time.monotonic() - started >= 2.0  # its wait ran out
+    assert mine.notified_row(task_id) is None  # the other registry's row never reaches it
+
+
 def test_the_redis_store_reloads_its_script_after_a_script_flush(tmp_path: Path) -> None:
     server = PrivateRedis(tmp_path)  # SCRIPT FLUSH is server-wide: never on the shared Redis
     server.start()
@@ -377,14 +404,14 @@ def test_a_redis_client_that_sends_without_waiting_subscribes_to_one_task_ahead_
     from celery_tq.registry.redis import RedisStore
 
     store: Any = RedisStore(store_url("redis", request, tmp_path))
-    channels = f"{store.prefix}done:*"
+    channels = store._done("*")  # this store's database: another test's are elsewhere
     store.write([change("first", "SUCCESS", 0, submitted_at=time.time(), result="1")])
     assert store.wait_for_outcome("first", 1.0, lambda _: True)  # the listener is open now
     sent = [f"t{n}" for n in range(200)]
     for task_id in sent:
         store.published(task_id)
         store.write([change(task_id, "SUCCESS", 0, submitted_at=time.time(), result=f'"{task_id}"')])
-    assert store.client.pubsub_channels(channels) == [f"{store.prefix}done:t0".encode()]
+    assert store.client.pubsub_channels(channels) == [store._done("t0").encode()]
     reads: list[str] = []
 
     def is_ready(task_id: str) -> bool:

@@ -230,4 +230,4 @@ def test_a_short_tasks_get_reads_nothing_from_the_store(
     assert len(reads) < 10, reads  # two per get() before: 40
     if registry_shop.kind == "redis":  # a task whose result is ignored is not listened for
         ignored = add.apply_async((1, 1), ignore_result=True)
-        assert store.client.pubsub_channels(f"{store.prefix}done:{ignored.id}") == []  # type: ignore[attr-defined]
+        assert store.client.pubsub_channels(store._done(ignored.id)) == []  # type: ignore[attr-defined]
