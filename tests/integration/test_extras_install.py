@@ -9,6 +9,7 @@ downloaded and each virtualenv installs offline in seconds.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,14 +50,22 @@ def pip_wheel(*args: str, cwd: Path = ROOT) -> None:
 
 @pytest.fixture(scope="module")
 def celery_tq_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This checkout built as a wheel; its dependencies (all extras) in the wheelhouse."""
+    """This checkout built as a wheel; its dependencies (all extras) in the wheelhouse.
+
+    Built from a copy of what the package is made of: a build in the checkout itself writes its
+    ``build/`` directory there, and a second build (this fixture again after xdist ran another
+    module's tests on the worker, or ``make`` in the checkout) failed on what the first left."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "celery_tq", source / "celery_tq", ignore=shutil.ignore_patterns("__pycache__"))
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     pip_wheel("setuptools>=68", "wheel")  # what the build needs, for offline builds
-    pip_wheel(".[redis,postgres,flower]")
+    pip_wheel(".[redis,postgres,flower]", cwd=source)
     built = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [*PIP, "wheel", "--no-deps", "--no-index", "--find-links", str(WHEELHOUSE), "-w", str(built), "."],
-        cwd=ROOT,
+        cwd=source,
         check=True,
         timeout=300,
     )
