@@ -160,7 +160,6 @@ class RedisStore:
         self._pubsub: Any = None  # opened by the first wait in get()
         db = self.client.connection_pool.connection_kwargs.get("db") or 0
         self._channels = f"{self.prefix}{db}:done:"  # + task id: the wake-up channel of a task
-        self._prefix_done = self._channels.encode()
         self._expected: str | None = None  # sent by this process, subscribed to, not waited for yet
         self._seen_done: dict[str, bytes] = {}  # task id: the payload of its wake-up
         self._wait_lock = threading.Lock()
@@ -201,9 +200,7 @@ class RedisStore:
                 ahead, self._expected = self._expected, None
                 try:
                     if ahead == task_id:
-                        if task_id in self._seen_done or self._take(
-                            pubsub, task_id, min(seconds, FIRST_WAIT)
-                        ):
+                        if self._take(pubsub, task_id, min(seconds, FIRST_WAIT)):
                             return True
                     else:
                         if ahead is not None:
@@ -243,7 +240,7 @@ class RedisStore:
     def _take(self, pubsub: Any, task_id: str, seconds: float) -> bool:
         """Read wake-ups until ``task_id``'s (True; kept for :meth:`notified_row`) or until
         ``seconds`` pass; those of tasks nobody waits for any more are dropped."""
-        deadline, start = time.monotonic() + seconds, len(self._prefix_done)
+        deadline, start = time.monotonic() + seconds, len(self._channels.encode())
         while (remaining := deadline - time.monotonic()) > 0:
             message = pubsub.get_message(timeout=remaining)
             if (
