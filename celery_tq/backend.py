@@ -30,6 +30,7 @@ from celery_tq.registry.record import QUEUED, STATE_MAX, Row, change, is_state_n
 from celery_tq.registry.writer import Deferred, enqueue, flush_pending, write_with_retry
 from celery_tq.result_errors import ENDED, StructuredErrorsMixin, raise_if_rejected
 from celery_tq.settings import settings_for
+from celery_tq.worker.handoff import hand_over
 
 __all__ = ["TqBackend"]
 
@@ -241,6 +242,8 @@ class TqBackend(StructuredErrorsMixin, ChordsMixin, KeyValueStoreBackend):
             if isinstance(result, dict) and result.get("hostname"):
                 fields["worker"] = result["hostname"]
         row = change(task_id, state, retries, submitted_at=now, meta=dumps(meta), **fields)
+        if hand_over(self.store, row, request):  # a pool process: the main process writes it, then acks
+            return result
         write_with_retry(self.store, [row], f"{state} of task {task_id}", self.retry_for)
         return result
 

@@ -25,6 +25,7 @@ from celery_tq.transport import register_transports
 from celery_tq.worker import timeouts
 from celery_tq.worker.events import BatchedEvents
 from celery_tq.worker.guard import RefuseUnsafeConfig
+from celery_tq.worker.handoff import HandOutcomes, HandOutcomesPrefetch
 from celery_tq.worker.prefetch import ReserveExtra
 from celery_tq.worker.refused import RecordRefusedMessages
 from celery_tq.worker.request import WatchPoolProcesses
@@ -175,9 +176,11 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     signals_module.connect(app)
     app.steps["consumer"].add(BatchedEvents)
     app.steps["consumer"].add(ReserveExtra)
+    app.steps["consumer"].add(HandOutcomesPrefetch)
     app.steps["consumer"].add(WatchedEvents)
     app.steps["consumer"].add(RecordRefusedMessages)
     app.steps["worker"].add(WatchPoolProcesses)
+    app.steps["worker"].add(HandOutcomes)
     app.steps["worker"].add(RefuseUnsafeConfig)
     # Configuration is (re)built lazily, e.g. again after a late config_from_object.
     app.on_after_configure.connect(

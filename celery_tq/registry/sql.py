@@ -118,6 +118,10 @@ schema = Table("tq_schema", metadata, Column("version", Integer, primary_key=Tru
 class SqlStore:
     """Records in SQLite or PostgreSQL (psycopg 3); schema created on first use."""
 
+    #: A prefork worker's pool processes hand their outcomes to its main process, which
+    #: writes them in batches (:mod:`celery_tq.worker.handoff`): a commit costs more than a row.
+    batches_outcomes = True
+
     def __init__(self, url: str) -> None:
         self.url = url
         parsed = make_url(url)

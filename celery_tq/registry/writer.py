@@ -34,7 +34,16 @@ from celery_tq.registry.record import Row
 if TYPE_CHECKING:
     from celery_tq.registry import Store
 
-__all__ = ["RETRY_FOR", "Deferred", "enqueue", "flush_all", "flush_pending", "write_with_retry"]
+__all__ = [
+    "RETRY_FOR",
+    "Deferred",
+    "enqueue",
+    "flush_all",
+    "flush_pending",
+    "give_back",
+    "take_buffered",
+    "write_with_retry",
+]
 
 logger = logging.getLogger("celery_tq.registry")
 
@@ -250,6 +259,19 @@ def flush_pending(store: Store, timeout: float = 10.0) -> None:
     writer = _writers.get((os.getpid(), id(store)))
     if writer is not None:
         writer.flush(timeout)
+
+
+def take_buffered(store: Store) -> list[Row]:
+    """Take what this process still buffers for ``store`` (the caller writes it with its own)."""
+    writer = _writers.get((os.getpid(), id(store)))
+    return writer.take() if writer is not None else []
+
+
+def give_back(store: Store, rows: list[Row]) -> None:
+    """Give back rows :func:`take_buffered` took and the caller did not write."""
+    writer = _writers.get((os.getpid(), id(store)))
+    if writer is not None and rows:
+        writer.put_back(rows)
 
 
 def flush_all(timeout: float = 10.0) -> None:

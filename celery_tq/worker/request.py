@@ -32,7 +32,6 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps, signals, states
 from celery.exceptions import Retry
-from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from celery_tq import celery_seam
@@ -41,6 +40,7 @@ from celery_tq.errors import WorkerLost
 from celery_tq.registry.capture import RUN_KEY
 from celery_tq.result_errors import ENDED
 from celery_tq.settings import settings_for
+from celery_tq.worker.handoff import HandoffRequest
 
 __all__ = ["HEADER_LOST", "TqRequest", "WatchPoolProcesses", "lost_count"]
 
@@ -57,8 +57,9 @@ def lost_count(context: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-class TqRequest(Request):
-    """Celery's request, with celery-tq's bounded, quick re-run after a lost pool process."""
+class TqRequest(HandoffRequest):
+    """Celery's request (acked once its handed-over record is written), with celery-tq's
+    bounded, quick re-run after a lost pool process."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

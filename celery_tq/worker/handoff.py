@@ -1,0 +1,334 @@
+"""Outcomes handed from pool processes to the worker's main process, acked once durable.
+
+On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: about
+0.6 ms of PostgreSQL's CPU for one outcome, 0.1 ms per outcome in a batch of ten. So in a
+prefork worker with an event loop, a pool process does not write a late-acked task's outcome
+itself. It sends the outcome's rows (with whatever ``STARTED``/``QUEUED`` it still buffers) to
+the main process over a local datagram socket and goes on with its next task. One thread of
+the main process writes everything that arrived while its previous write ran in one
+transaction (group commit: no lingering, so ``get()`` waits no longer), and the main process
+acks each of those tasks' messages only once that transaction has committed. Invariant: a
+terminal record is durable before its message is acked. A kill -9 of a pool process loses
+nothing it handed over (the main process has it); a kill -9 of the worker loses only unacked
+work, which the broker redelivers.
+
+A held ack would hold a prefetch slot, and the broker would send the next task only once it is
+released; so the prefetch count grows by the number of acks held (as Celery does for tasks with
+an ETA), and shrinks again once fewer have been held for a second (without a ``basic.qos`` per
+task). The order guarantee is unchanged: a held ack's task has finished, so no more tasks wait
+in the worker than without the hand-over.
+
+While the store is down the acks wait, so the worker takes no new tasks beyond its prefetch;
+after ``tq_store_retry_timeout`` the batch is given up with an error naming it, as a pool
+process's own write would be, and its tasks are acked. Outcomes too large for one datagram
+(``MAX_DATAGRAM``), tasks with callbacks, chains or chords (their next step reads or follows
+the record), early-acked tasks and tasks whose request class is not celery-tq's keep the pool
+process's own write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import select
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from celery import bootsteps, states
+from celery.worker.request import Request
+
+from celery_tq.registry import Store
+from celery_tq.registry.record import Row
+from celery_tq.registry.writer import give_back, resolved, take_buffered, write_with_retry
+from celery_tq.settings import settings_for
+
+__all__ = ["ACK_KEY", "HandOutcomes", "Handoff", "HandoffRequest", "hand_over"]
+
+logger = logging.getLogger("celery_tq.registry")
+
+#: Set in a request's dict by the main process: this task's outcome may be handed over.
+ACK_KEY = "tq_ack_after_write"
+MAX_DATAGRAM = 64 * 1024
+SEND_TIMEOUT = 30.0
+SHRINK_EVERY = 1.0
+HANDED_STATES = frozenset({states.SUCCESS, states.FAILURE})
+_CELERY_REQUEST = "celery.worker.request:Request"
+
+_active: Handoff | None = None  # the worker's, created in its main process before the pool forks
+
+
+class Handoff:
+    """The main process's end: receives outcomes, writes them in batches, releases their acks."""
+
+    def __init__(self, store: Store, retry_for: float) -> None:
+        self.store, self.url, self.retry_for = store, store.url, retry_for
+        self.owner = os.getpid()
+        self._recv, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._recv.setblocking(False)
+        self._send.settimeout(SEND_TIMEOUT)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)
+        self._queue: list[Row] = []  # received, not yet taken by the writer thread
+        self._unwritten: dict[str, int] = {}  # task id: outcomes received and not yet committed
+        self._waiting: dict[str, list[Callable[[], None]]] = {}  # task id: acks held for it
+        self._ready: list[Callable[[], None]] = []  # acks whose records are committed
+        self._hub: Any = None
+        self._sync = False  # shutting down: the event loop may not run; acks wait in place
+        self._thread: threading.Thread | None = None
+        # The event loop's thread only: acks held now, prefetch slots added for them, the
+        # most held since the last shrink, and the consumer's prefetch count (per connection).
+        self._held = self._allowed = self._peak = 0
+        self._qos: Any = None
+
+    # -- a pool process -------------------------------------------------------------------
+    def send(self, data: bytes) -> bool:
+        try:
+            self._send.send(data)
+        except OSError as exc:  # too large for the socket, or the main process stopped reading
+            logger.warning("celery-tq: outcome not handed to the worker's main process (%s)", exc)
+            return False
+        return True
+
+    # -- the main process -----------------------------------------------------------------
+    def start(self, hub: Any) -> None:
+        self._hub = hub
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="celery-tq-outcomes", daemon=True)
+            self._thread.start()
+            hub.call_repeatedly(SHRINK_EVERY, self._shrink)
+
+    def connected(self, qos: Any) -> None:
+        """A (new) broker connection's prefetch count: held acks add to it from now on."""
+        self._qos, self._allowed, self._peak = qos, 0, self._held
+
+    def _grow(self) -> None:
+        self._held += 1
+        self._peak = max(self._peak, self._held)
+        if self._held > self._allowed and self._qos is not None and self._qos.value:
+            self._qos.increment_eventually(self._held - self._allowed)
+            self._allowed = self._held
+
+    def _shrink(self) -> None:
+        target = max(self._peak, self._held)
+        if self._allowed > target and self._qos is not None:
+            self._qos.decrement_eventually(self._allowed - target)
+            self._allowed = target
+        self._peak = self._held
+
+    def hold(self, task_id: str, ack: Callable[[], None]) -> bool:
+        """Whether ``task_id``'s ack must wait for its record (``ack`` is then called later, in
+        the event loop). Its outcome was sent before the pool reported the task done, so it is
+        either received by now or in the socket's queue."""
+        with self._lock:
+            drained = self._drain()
+            if task_id not in self._unwritten:
+                held = False
+            elif self._sync:  # shutting down: wait here, then the caller acks
+                self._wake()
+                while task_id in self._unwritten:
+                    if not self._written.wait(self.retry_for + 30):
+                        logger.error("celery-tq: record of task %s still unwritten at shutdown", task_id)
+                        break
+                held = False
+            else:
+                self._waiting.setdefault(task_id, []).append(ack)
+                held = True
+        if drained:
+            self._wake()
+        if held:
+            self._grow()
+        return held
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shutdown: write what was received, release its acks here; later acks wait in place."""
+        with self._lock:
+            self._sync = True
+            self._drain()
+            self._wake()
+            self._written.wait_for(lambda: not self._unwritten, timeout)
+        self._release()
+
+    def _drain(self) -> bool:
+        """Move every datagram waiting in the socket to the queue (lock held)."""
+        got = False
+        while True:
+            try:
+                data = self._recv.recv(MAX_DATAGRAM + 1024)
+            except (BlockingIOError, InterruptedError):
+                return got
+            try:
+                task_id, rows = pickle.loads(data)
+            except Exception:
+                logger.exception("celery-tq: unreadable outcome from a pool process; dropped")
+                continue
+            self._queue.extend(rows)
+            self._unwritten[task_id] = self._unwritten.get(task_id, 0) + 1
+            got = True
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # else a wake-up is pending already
+            os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._recv, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            try:
+                poller.poll(1000)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                with self._lock:
+                    self._drain()
+                    batch, self._queue = self._queue, []
+                if batch:
+                    self._write(batch)
+            except Exception:
+                logger.exception("celery-tq: writing handed-over outcomes failed")
+
+    def _write(self, batch: list[Row]) -> None:
+        write_with_retry(self.store, batch, f"the outcomes of {len(batch)} task change(s)", self.retry_for)
+        with self._lock:
+            for task_id in {row["id"] for row in batch}:
+                left = self._unwritten.get(task_id, 0) - 1
+                if left > 0:
+                    self._unwritten[task_id] = left
+                    continue
+                self._unwritten.pop(task_id, None)
+                self._ready.extend(self._waiting.pop(task_id, ()))
+            self._written.notify_all()
+            release = bool(self._ready) and not self._sync
+        if release:
+            self._hub.call_soon(self._release)  # kombu's Hub: safe from another thread
+
+    def _release(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        self._held -= len(ready)
+        for ack in ready:
+            try:
+                ack()
+            except Exception:
+                logger.exception("celery-tq: ack after the record was written failed")
+
+
+def hand_over(store: Store, row: Row, request: Any) -> bool:
+    """In a pool process: hand a late-acked task's outcome ``row`` to the main process.
+
+    False when this outcome is written here instead (the caller writes it): not a pool
+    process of a worker that hands outcomes over, not a state it takes, a task whose next
+    step follows its record, or an outcome too large for one datagram."""
+    handoff = _active
+    if (
+        handoff is None
+        or handoff.owner == os.getpid()
+        or row.get("state") not in HANDED_STATES
+        or not getattr(request, ACK_KEY, False)
+        or store.url != handoff.url
+        or getattr(request, "chord", None)
+        or getattr(request, "callbacks", None)
+        or getattr(request, "errbacks", None)
+        or getattr(request, "chain", None)
+    ):
+        return False
+    taken = take_buffered(store)
+    rows: Sequence[Row] = resolved([*taken, row])
+    data = pickle.dumps((row["id"], list(rows)), protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) <= MAX_DATAGRAM and handoff.send(data):
+        return True
+    give_back(store, taken)  # the caller's write takes them along
+    return False
+
+
+class HandoffRequest(Request):
+    """Celery's request, whose ack waits for the record its pool process handed over."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handoff = _active
+        if handoff is not None and handoff.owner == os.getpid() and self.task.acks_late:
+            self.request_dict[ACK_KEY] = True
+
+    def acknowledge(self) -> None:
+        handoff = _active
+        if (
+            not self.acknowledged
+            and handoff is not None
+            and self.request_dict.get(ACK_KEY)
+            and handoff.hold(self.id, self._acknowledge_now)
+        ):
+            return
+        super().acknowledge()
+
+    def _acknowledge_now(self) -> None:
+        super().acknowledge()
+
+
+class HandOutcomes(bootsteps.StartStopStep):
+    """Worker step: a prefork worker on a SQL registry writes its pool's outcomes in batches."""
+
+    requires = ("celery.worker.components:Pool",)
+    label = "tq-hand-outcomes"
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        self.handoff: Handoff | None = None
+
+    def include_if(self, w: Any) -> bool:
+        store = _sql_store(w.app)
+        pool_cls = getattr(w, "pool_cls", None)
+        return (
+            store is not None
+            and bool(getattr(w, "use_eventloop", False))
+            and isinstance(pool_cls, type)
+            and pool_cls.__module__.endswith("prefork")
+        )
+
+    def create(self, w: Any) -> None:
+        global _active
+        store = _sql_store(w.app)
+        assert store is not None  # include_if
+        self.handoff = _active = Handoff(store, settings_for(w.app).store_retry_timeout)
+        for task in w.app.tasks.values():  # tasks on Celery's own request class hand over too
+            if getattr(task, "Request", None) == _CELERY_REQUEST:
+                task.Request = f"{__name__}:HandoffRequest"
+
+    def start(self, w: Any) -> None:
+        if self.handoff is not None:
+            self.handoff.start(w.hub)
+
+    def stop(self, w: Any) -> None:
+        if self.handoff is not None:
+            self.handoff.stop()
+
+    def terminate(self, w: Any) -> None:
+        self.stop(w)
+
+
+class HandOutcomesPrefetch(bootsteps.StartStopStep):
+    """Consumer step: each connection's prefetch count grows by the acks the hand-over holds."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    label = "tq-hand-outcomes-prefetch"
+
+    def start(self, c: Any) -> None:
+        handoff = _active
+        if handoff is not None and handoff.owner == os.getpid():
+            handoff.connected(getattr(c, "qos", None))
+
+
+def _sql_store(app: Any) -> Store | None:
+    from celery_tq.backend import TqBackend
+
+    backend = app.backend
+    if not isinstance(backend, TqBackend):
+        return None
+    store = backend.store
+    return store if getattr(store, "batches_outcomes", False) else None

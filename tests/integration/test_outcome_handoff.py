@@ -1,0 +1,139 @@
+"""Pool processes hand outcomes to the worker's main process; acks wait until they are durable.
+
+Real ``celery worker -P prefork -c 2`` processes, production preset, ``tq+redis://`` broker, the
+registry on PostgreSQL (where the hand-over is on), reached by the worker through a TCP proxy
+the test cuts. Tasks use Celery's own task class (``@app.task``), so Celery's request class
+is the one that waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_tq.registry import Registry, store_for_url
+from celery_tq.testing import WorkerProcess
+from tests.registry_support import pg_url
+from tests.tcp_proxy import TcpProxy
+
+__all__ = ["pg_url"]
+
+ROOT = Path(__file__).parents[2]
+
+APP = textwrap.dedent(
+    """
+    import os, time
+    from celery import Celery
+    import celery_tq
+
+    app = Celery("handapp")
+    celery_tq.install(app, preset="production")
+    app.conf.update(
+        broker_url=os.environ["HAND_BROKER"],
+        result_backend=os.environ["HAND_BACKEND"],
+        task_retry_on_worker_lost=False,
+        tq_store_retry_timeout=600,
+        broker_transport_options={
+            "priority_steps": list(range(10)), "confirm_publish": True,
+            "heartbeat_ttl": 3, "heartbeat_interval": 0.5, "recover_interval": 1,
+        },
+    )
+
+    @app.task(name="hand.work", shared=False)
+    def work(i, seconds=0.01):
+        time.sleep(seconds)
+        return {"i": i, "pid": os.getpid()}
+    """
+)
+
+Hand = tuple[object, Registry, dict[str, str], str]  # app, registry, worker env, store URL
+
+
+@pytest.fixture
+def hand(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Hand]:
+    broker = request.getfixturevalue("redis_dbs")[0].replace("redis://", "tq+redis://")
+    backend = f"tq+{pg_url}"
+    (tmp_path / "handapp.py").write_text(APP)
+    env = {"HAND_BROKER": broker, "HAND_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    os.environ.update(HAND_BROKER=broker, HAND_BACKEND=backend)
+    sys.path.insert(0, str(tmp_path))
+    sys.modules.pop("handapp", None)
+    import handapp  # type: ignore[import-not-found]
+
+    yield handapp.app, Registry(store_for_url(backend)), env, pg_url
+    handapp.app.close()
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("handapp", None)
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _states(registry: Registry, ids: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task_id in ids:
+        record = registry.get(task_id)
+        key = "missing" if record is None else record.state
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_a_task_whose_record_cannot_be_written_is_not_acked_and_runs_again_after_kill_9(
+    hand: Hand, tmp_path: Path
+) -> None:
+    app, registry, env, url = hand
+    work = app.tasks["hand.work"]  # type: ignore[attr-defined]
+    with TcpProxy(5432) as proxy:
+        proxied = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+        first = WorkerProcess(
+            "handapp", concurrency=2, env={**env, "HAND_BACKEND": f"tq+{proxied}"}, cwd=tmp_path
+        )
+        first.start()
+        try:
+            assert work.delay(-1).get(timeout=30)["i"] == -1  # the worker's links to the store are up
+            proxy.stop()  # every link cut, and nothing listens: the store is unreachable from the worker
+            ids = [work.delay(i).id for i in range(20)]
+            _wait(lambda: first.log.count("succeeded in") >= 21, 60, "the 20 tasks to run")
+            time.sleep(1.0)  # what the worker would ack, it has acked by now
+            assert _states(registry, ids) == {"QUEUED": 20}  # nothing written...
+        finally:
+            first.kill()  # ...and nothing acked: the broker hands all 20 out again
+    second = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
+    try:
+        _wait(lambda: _states(registry, ids) == {"SUCCESS": 20}, 90, "every task to end SUCCESS")
+        assert [work.AsyncResult(t).get(timeout=5)["i"] for t in ids] == list(range(20))
+    finally:
+        second.stop()
+
+
+def test_a_warm_shutdown_writes_and_acks_what_its_pool_finished(hand: Hand, tmp_path: Path) -> None:
+    app, registry, env, _ = hand
+    work = app.tasks["hand.work"]  # type: ignore[attr-defined]
+    ids = [work.delay(i, 0.02).id for i in range(200)]
+    first = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
+    assert first.process is not None
+    _wait(lambda: registry.counts().get("SUCCESS", 0) >= 50, 60, "50 tasks done")
+    os.kill(first.process.pid, signal.SIGTERM)  # warm shutdown: the pool finishes its tasks
+    first.process.wait(60)
+    first.stop()  # its log closed; nothing left to stop
+    done_then = registry.counts().get("SUCCESS", 0)
+    second = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
+    try:
+        _wait(lambda: _states(registry, ids) == {"SUCCESS": 200}, 120, "every task to end SUCCESS")
+    finally:
+        second.stop()
+    records = [registry.get(t) for t in ids]
+    twice = [r.id for r in records if r is not None and r.deliveries != 1]
+    assert done_then >= 50
+    assert twice == []  # each task ran once: what the first worker finished, it wrote and acked
