@@ -76,6 +76,7 @@ class Handoff:
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)
         self._queue: list[Row] = []  # received, not yet taken by the writer thread
+        self._arrived: list[str] = []  # the tasks whose outcomes those rows carry, one per outcome
         self._unwritten: dict[str, int] = {}  # task id: outcomes received and not yet committed
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # task id: acks held for it
         self._ready: list[Callable[[], None]] = []  # acks whose records are committed
@@ -169,6 +170,7 @@ class Handoff:
                 logger.exception("celery-tq: unreadable outcome from a pool process; dropped")
                 continue
             self._queue.extend(rows)
+            self._arrived.append(task_id)
             self._unwritten[task_id] = self._unwritten.get(task_id, 0) + 1
             got = True
 
@@ -188,15 +190,17 @@ class Handoff:
                 with self._lock:
                     self._drain()
                     batch, self._queue = self._queue, []
-                if batch:
-                    self._write(batch)
+                    outcomes, self._arrived = self._arrived, []
+                if outcomes:
+                    self._write(batch, outcomes)
             except Exception:
                 logger.exception("celery-tq: writing handed-over outcomes failed")
 
-    def _write(self, batch: list[Row]) -> None:
-        write_with_retry(self.store, batch, f"the outcomes of {len(batch)} task change(s)", self.retry_for)
+    def _write(self, batch: list[Row], outcomes: list[str]) -> None:
+        named = ", ".join(outcomes[:5]) + (f" and {len(outcomes) - 5} more" if len(outcomes) > 5 else "")
+        write_with_retry(self.store, batch, f"the outcomes of task(s) {named}", self.retry_for)
         with self._lock:
-            for task_id in {row["id"] for row in batch}:
+            for task_id in outcomes:
                 left = self._unwritten.get(task_id, 0) - 1
                 if left > 0:
                     self._unwritten[task_id] = left
