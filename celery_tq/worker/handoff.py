@@ -13,10 +13,11 @@ nothing it handed over (the main process has it); a kill -9 of the worker loses 
 work, which the broker redelivers.
 
 A held ack would hold a prefetch slot, and the broker would send the next task only once it is
-released; so the prefetch count grows by the number of acks held (as Celery does for tasks with
-an ETA), and shrinks again once fewer have been held for a second (without a ``basic.qos`` per
-task). The order guarantee is unchanged: a held ack's task has finished, so no more tasks wait
-in the worker than without the hand-over.
+released; so the prefetch count grows by the number of acks held, up to the pool's size (as
+Celery does for tasks with an ETA), and shrinks again once fewer have been held for a second
+(without a ``basic.qos`` per task). A held ack's task has finished, so while acks are held no
+more tasks wait in the worker than without the hand-over; within that second after they were
+released, up to that many more may.
 
 While the store is down the acks wait, so the worker takes no new tasks beyond its prefetch;
 after ``tq_store_retry_timeout`` the batch is given up with an error naming it, as a pool
@@ -64,8 +65,9 @@ _active: Handoff | None = None  # the worker's, created in its main process befo
 class Handoff:
     """The main process's end: receives outcomes, writes them in batches, releases their acks."""
 
-    def __init__(self, store: Store, retry_for: float) -> None:
+    def __init__(self, store: Store, retry_for: float, max_extra: int = 1) -> None:
         self.store, self.url, self.retry_for = store, store.url, retry_for
+        self.max_extra = max(1, max_extra)  # prefetch slots held acks may add: the pool's size
         self.owner = os.getpid()
         self._recv, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._recv.setblocking(False)
@@ -112,12 +114,13 @@ class Handoff:
     def _grow(self) -> None:
         self._held += 1
         self._peak = max(self._peak, self._held)
-        if self._held > self._allowed and self._qos is not None and self._qos.value:
-            self._qos.increment_eventually(self._held - self._allowed)
-            self._allowed = self._held
+        wanted = min(self._held, self.max_extra)
+        if wanted > self._allowed and self._qos is not None and self._qos.value:
+            self._qos.increment_eventually(wanted - self._allowed)
+            self._allowed = wanted
 
     def _shrink(self) -> None:
-        target = max(self._peak, self._held)
+        target = min(max(self._peak, self._held), self.max_extra)
         if self._allowed > target and self._qos is not None:
             self._qos.decrement_eventually(self._allowed - target)
             self._allowed = target
@@ -299,7 +302,8 @@ class HandOutcomes(bootsteps.StartStopStep):
         global _active
         store = _sql_store(w.app)
         assert store is not None  # include_if
-        self.handoff = _active = Handoff(store, settings_for(w.app).store_retry_timeout)
+        size = getattr(w, "max_concurrency", None) or getattr(w, "concurrency", None) or 1
+        self.handoff = _active = Handoff(store, settings_for(w.app).store_retry_timeout, int(size))
         for task in w.app.tasks.values():  # tasks on Celery's own request class hand over too
             if getattr(task, "Request", None) == _CELERY_REQUEST:
                 task.Request = f"{__name__}:HandoffRequest"
