@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_worker_lost_delay_max": 10.0,
     "tq_store_retry_timeout": 60.0,
     "tq_result_poll_interval": 0.02,
+    "tq_hand_over_outcomes": True,
     "tq_metric_tags": (),
 }
 
@@ -90,6 +91,7 @@ class TqSettings:
     worker_lost_delay_max: float
     store_retry_timeout: float
     result_poll_interval: float
+    hand_over_outcomes: bool
     metric_tags: frozenset[str]
 
     @classmethod
@@ -117,7 +119,7 @@ class TqSettings:
         values["worker_lost_retries"] = _count("worker_lost_retries", values["worker_lost_retries"])
         if values["worker_lost_delay"] > values["worker_lost_delay_max"]:
             raise ConfigurationError("tq_worker_lost_delay must be <= tq_worker_lost_delay_max")
-        for name in ("pause_unwatched_events", "allow_pickle"):
+        for name in ("pause_unwatched_events", "allow_pickle", "hand_over_outcomes"):
             if not isinstance(values[name], bool):
                 raise ConfigurationError(f"tq_{name} must be True or False, not {values[name]!r}")
         url = values["registry_url"]

@@ -102,10 +102,17 @@ def test_a_task_whose_record_cannot_be_written_is_not_acked_and_runs_again_after
         first.start()
         try:
             assert work.delay(-1).get(timeout=30)["i"] == -1  # the worker's links to the store are up
+            # A task that reaches an idle worker is written by its own pool process; a long one
+            # keeps the worker busy, so the 20 below are handed over (and it is not among them).
+            busy = work.delay(-2, 5.0)
+            _wait(lambda: (r := registry.get(busy.id)) is not None and r.state == "STARTED", 30, "STARTED")
             proxy.stop()  # every link cut, and nothing listens: the store is unreachable from the worker
             ids = [work.delay(i).id for i in range(20)]
-            _wait(lambda: first.log.count("succeeded in") >= 21, 60, "the 20 tasks to run")
-            time.sleep(1.0)  # what the worker would ack, it has acked by now
+            _wait(lambda: first.log.count("succeeded in") >= 1 + 3, 60, "tasks to run")
+            time.sleep(2.0)  # what the worker would ack or take next, it has by now
+            ran = first.log.count("succeeded in") - 1
+            # Its acks wait, so it stops taking tasks: the prefetch count plus the pool's size.
+            assert 3 <= ran <= 2 + 1 + 2, first.log[-3000:]
             assert _states(registry, ids) == {"QUEUED": 20}  # nothing written...
         finally:
             first.kill()  # ...and nothing acked: the broker hands all 20 out again

@@ -125,7 +125,7 @@ def test_two_outcomes_of_one_task_in_one_batch_release_both_acks(
 
 
 def test_an_unreadable_datagram_is_dropped_alone(
-    active: tuple[Handoff, Loop], caplog: pytest.LogCaptureFixture
+    active: tuple[Handoff, Loop], gate: Gate, caplog: pytest.LogCaptureFixture
 ) -> None:
     handoff, loop = active
     acked: list[str] = []
@@ -133,6 +133,7 @@ def test_an_unreadable_datagram_is_dropped_alone(
         assert handoff.send(b"not a pickle")
         send(handoff, "b")
         assert handoff.hold("b", lambda: acked.append("b"))
+        gate.open.set()
         loop.run(lambda: acked == ["b"])
     assert "unreadable outcome" in caplog.text
 
