@@ -19,7 +19,8 @@ Celery does for tasks with an ETA), and shrinks again once fewer have been held 
 more tasks wait in the worker than without the hand-over; within that second after they were
 released, up to that many more may.
 
-While the store is down the acks wait, so the worker takes no new tasks beyond its prefetch;
+While the store is down the acks wait, so the worker takes no new tasks beyond its prefetch
+count and the pool's size;
 after ``tq_store_retry_timeout`` the batch is given up with an error naming it, as a pool
 process's own write would be, and its tasks are acked. Outcomes too large for one datagram
 (``MAX_DATAGRAM``), tasks with callbacks, chains or chords (their next step reads or follows
@@ -50,7 +51,7 @@ from celery_tq.registry.record import Row
 from celery_tq.registry.writer import give_back, resolved, take_buffered, write_with_retry
 from celery_tq.settings import settings_for
 
-__all__ = ["ACK_KEY", "HandOutcomes", "Handoff", "HandoffRequest", "hand_over"]
+__all__ = ["ACK_KEY", "HandOutcomes", "HandOutcomesPrefetch", "Handoff", "HandoffRequest", "hand_over"]
 
 logger = logging.getLogger("celery_tq.registry")
 
