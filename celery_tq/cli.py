@@ -259,7 +259,7 @@ def purge(ctx: click.Context, older_than: str | None) -> None:
     type=click.IntRange(1),
     default=10_000,
     show_default=True,
-    help="QUEUED records looked at, newest first.",
+    help="QUEUED records looked at, oldest first (run again for the next ones).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON list of the lost tasks and what was done."

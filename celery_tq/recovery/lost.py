@@ -49,9 +49,10 @@ class LostTask:
 def find_lost(
     app: Celery, registry: Registry, older_than: float, limit: int, confirm_after: float = CONFIRM_AFTER
 ) -> list[LostTask]:
-    """The newest ``limit`` tasks ``QUEUED`` for more than ``older_than`` s with no message left."""
+    """The oldest ``limit`` tasks ``QUEUED`` for more than ``older_than`` s with no message left
+    (oldest first: each ``--resend``/``--mark`` run works through a backlog larger than ``limit``)."""
     broker_scan.check_readable(app)  # refused before anything else, with the reason
-    candidates = registry.query(state=QUEUED, until=time.time() - older_than, limit=limit)
+    candidates = registry.query(state=QUEUED, until=time.time() - older_than, limit=limit, oldest_first=True)
     if not candidates:
         return []
     queues = {r.queue for r in candidates if r.queue}

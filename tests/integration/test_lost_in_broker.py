@@ -158,6 +158,23 @@ def test_tasks_dropped_by_a_restarted_redis_are_listed_resent_and_marked(
     assert "no task lost in the broker" in setup.tq("lost", "--older-than", "0s").stdout
 
 
+def test_a_backlog_larger_than_the_limit_is_worked_through_oldest_first(
+    on_redis: tuple[Setup, PrivateRedis],
+) -> None:
+    setup, server = on_redis
+    ids = []
+    for label in "abcde":
+        ids.append(setup.busy(label))
+        time.sleep(0.01)  # distinct submission times
+    server.kill()
+    server.start()
+    first = setup.tq("lost", "--older-than", "0s", "--limit", "2", "--mark")
+    assert first.returncode == 0, first.stderr
+    assert [setup.state(i) for i in ids] == ["FAILURE", "FAILURE", "QUEUED", "QUEUED", "QUEUED"]
+    assert setup.tq("lost", "--older-than", "0s", "--limit", "2", "--mark").returncode == 0
+    assert [setup.state(i) for i in ids] == ["FAILURE"] * 4 + ["QUEUED"]
+
+
 def test_a_task_a_worker_holds_for_its_eta_is_not_lost(on_redis: tuple[Setup, PrivateRedis]) -> None:
     setup, server = on_redis
     setup.start_worker()
