@@ -15,9 +15,9 @@ work, which the broker redelivers.
 A held ack would hold a prefetch slot, and the broker would send the next task only once it is
 released; so the prefetch count grows by the number of acks held, up to ``HELD_PER_PROCESS``
 times the pool's size (as Celery does for tasks with an ETA), and shrinks again once fewer have
-been held for a second (without a ``basic.qos`` per task). A held ack's task has finished, so while acks are held no
-more tasks wait in the worker than without the hand-over; within that second after they were
-released, up to that many more may.
+been held for a second (without a ``basic.qos`` per task). A held ack's task has finished, so
+while acks are held no more tasks wait in the worker than without the hand-over; within that
+second after they were released, up to that many more may.
 
 While the store is down the acks wait, so the worker takes no new tasks beyond its prefetch
 count and that many more;
