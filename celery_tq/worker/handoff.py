@@ -1,10 +1,11 @@
 """Outcomes handed from pool processes to the worker's main process, acked once durable.
 
 On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: about
-0.6 ms of PostgreSQL's CPU for one outcome, 0.1 ms per outcome in a batch of ten. So in a
-prefork worker with an event loop, a pool process does not write a late-acked task's outcome
-itself. It sends the outcome's rows (with whatever ``STARTED``/``QUEUED`` it still buffers) to
-the main process over a local datagram socket and goes on with its next task. One thread of
+0.5 ms of PostgreSQL's CPU for one outcome, 0.1 ms per outcome in a batch of ten
+(``benchmarks/registry_batches.py``). So in a prefork worker with an event loop, a pool process
+does not write a late-acked task's outcome itself. It sends the outcome's rows (with whatever
+``STARTED``/``QUEUED`` it still buffers) to the main process over a local datagram socket and
+goes on with its next task. One thread of
 the main process writes everything that arrived while its previous write ran in one
 transaction (group commit: no lingering, so ``get()`` waits no longer), and the main process
 acks each of those tasks' messages only once that transaction has committed. Invariant: a
