@@ -254,22 +254,28 @@ def enqueue(store: Store, row: Row) -> None:
     writer.put(row)
 
 
+def _own_writer(store: Store) -> QueuedWriter | None:
+    """This process's background writer of ``store``, if it has one."""
+    return _writers.get((os.getpid(), id(store)))
+
+
 def flush_pending(store: Store, timeout: float = 10.0) -> None:
     """Read-your-writes: what this process buffered for ``store`` is written before a read."""
-    writer = _writers.get((os.getpid(), id(store)))
+    writer = _own_writer(store)
     if writer is not None:
         writer.flush(timeout)
 
 
 def take_buffered(store: Store) -> list[Row]:
     """Take what this process still buffers for ``store`` (the caller writes it with its own)."""
-    writer = _writers.get((os.getpid(), id(store)))
+    writer = _own_writer(store)
     return writer.take() if writer is not None else []
 
 
 def give_back(store: Store, rows: list[Row]) -> None:
-    """Give back rows :func:`take_buffered` took and the caller did not write."""
-    writer = _writers.get((os.getpid(), id(store)))
+    """Give back rows :func:`take_buffered` took and the caller did not write: the background
+    writer keeps trying them."""
+    writer = _own_writer(store)
     if writer is not None and rows:
         writer.put_back(rows)
 
@@ -287,8 +293,7 @@ def write_with_retry(store: Store, changes: Sequence[Row], what: str, retry_for:
 
     Returns False (after logging an error naming ``what``) when the store stayed unreachable.
     """
-    writer = _writers.get((os.getpid(), id(store)))
-    buffered = writer.take() if writer is not None else []
+    buffered = take_buffered(store)
     batch = [*buffered, *changes]
     deadline = time.monotonic() + retry_for
     delay = 0.1
@@ -300,8 +305,7 @@ def write_with_retry(store: Store, changes: Sequence[Row], what: str, retry_for:
             remaining = deadline - time.monotonic()
             url = maybe_sanitize_url(store.url)
             if remaining <= 0:
-                if writer is not None and buffered:
-                    writer.put_back(buffered)  # not lost: the background writer keeps trying
+                give_back(store, buffered)  # not lost: the background writer keeps trying
                 logger.error(
                     "celery-tq: could not store %s in %s after retrying for %.0f s (%s): this state is lost",
                     what,

@@ -5,10 +5,10 @@ On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it w
 (``benchmarks/registry_batches.py``). So in a prefork worker with an event loop, a pool process
 does not write a late-acked task's outcome itself. It sends the outcome's rows (with whatever
 ``STARTED``/``QUEUED`` it still buffers) to the main process over a local datagram socket and
-goes on with its next task. One thread of
-the main process writes everything that arrived while its previous write ran in one
-transaction (group commit: no lingering, so ``get()`` waits no longer), and the main process
-acks each of those tasks' messages only once that transaction has committed. Invariant: a
+goes on with its next task. One thread of the main process writes everything that arrived while
+its previous write ran in one transaction (group commit: no lingering, so ``get()`` waits no
+longer), and the main process acks each of those tasks' messages only once that transaction has
+committed. Invariant: a
 terminal record is durable before its message is acked. A kill -9 of a pool process loses
 nothing it handed over (the main process has it); a kill -9 of the worker loses only unacked
 work, which the broker redelivers.
@@ -21,10 +21,9 @@ while acks are held no more tasks wait in the worker than without the hand-over;
 second after they were released, up to that many more may.
 
 While the store is down the acks wait, so the worker takes no new tasks beyond its prefetch
-count and that many more;
-after ``tq_store_retry_timeout`` the batch is given up with an error naming it, as a pool
-process's own write would be, and its tasks are acked. Outcomes too large for one datagram
-(``MAX_DATAGRAM``), tasks with callbacks, chains or chords (their next step reads or follows
+count and that many more; after ``tq_store_retry_timeout`` the batch is given up with an error
+naming it, as a pool process's own write would be, and its tasks are acked. Outcomes too large
+for one datagram (``MAX_DATAGRAM``), tasks with callbacks, chains or chords (their next step reads or follows
 the record), early-acked tasks and tasks whose request class is not celery-tq's keep the pool
 process's own write; so does a task that reaches a worker holding no other task: there is no
 batch to join, and the hop to the main process would only lengthen its round trip (about
