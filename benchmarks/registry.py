@@ -52,6 +52,8 @@ APP = textwrap.dedent(
     if os.environ["BENCH_TQ"] == "1":
         import celery_tq
         celery_tq.install(app, preset="production")
+        # opt-in (README, "The write path"): PostgreSQL rows batch the pool's outcomes
+        app.conf.tq_hand_over_outcomes = True
     else:
         app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
     app.conf.update(

@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_worker_lost_delay_max": 10.0,
     "tq_store_retry_timeout": 60.0,
     "tq_result_poll_interval": 0.02,
-    "tq_hand_over_outcomes": True,
+    "tq_hand_over_outcomes": False,
     "tq_metric_tags": (),
 }
 

@@ -1,5 +1,10 @@
 """Outcomes handed from pool processes to the worker's main process, acked once durable.
 
+Opt-in (``tq_hand_over_outcomes = True``): a task whose ack waits for its record is still
+unacked, and held acks add prefetch slots, so a worker cut off from broker and store for longer
+than its heartbeat may have run up to ``HELD_PER_PROCESS`` x c more tasks than its prefetch window
+that other workers then run again.
+
 On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: about
 0.5 ms of PostgreSQL's CPU for one outcome, 0.1 ms per outcome in a batch of ten
 (``benchmarks/registry_batches.py``). So in a prefork worker with an event loop, a pool process

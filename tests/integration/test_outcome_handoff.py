@@ -40,6 +40,7 @@ APP = textwrap.dedent(
         result_backend=os.environ["HAND_BACKEND"],
         task_retry_on_worker_lost=False,
         tq_store_retry_timeout=600,
+        tq_hand_over_outcomes=True,
         broker_transport_options={
             "priority_steps": list(range(10)), "confirm_publish": True,
             "heartbeat_ttl": 3, "heartbeat_interval": 0.5, "recover_interval": 1,
