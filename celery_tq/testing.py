@@ -102,11 +102,14 @@ class WorkerProcess:
         raise ConfigurationError(f"worker did not become ready: {' '.join(self.args)}\n{log[-3000:]}")
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """Warm shutdown (SIGTERM), then SIGKILL of the whole process group after ``timeout``."""
+        """Warm shutdown: SIGTERM to the worker's main process, which lets its pool finish the
+        tasks it runs; SIGKILL of the whole process group after ``timeout`` seconds."""
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
+            # not the group: a pool process dies of SIGTERM, and its task with it
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -99,3 +99,15 @@ def test_redelivered_task_that_already_ended_is_acked_without_running_again(
     assert depth == 0  # the ended one was acked, not left behind
     assert [r for r in _runs(data_dir, "ended-before")] == []
     assert len(_runs(data_dir, "not-ended")) == 1
+
+
+def test_stopping_a_worker_process_lets_its_running_task_finish(embedded_shop: Shop, data_dir: str) -> None:
+    """``WorkerProcess.stop()`` is a warm shutdown: only the worker's main process gets SIGTERM,
+    so a task its pool is running ends normally, once, before the worker exits."""
+    worker = embedded_shop.start_worker(concurrency=1)
+    running = embedded_shop.app.tasks["tqshop.busy"].delay("finishing", 2)
+    _wait_for(lambda: bool(_runs(data_dir, "finishing")))
+    assert worker.stop() == 0
+    record = system_for(embedded_shop.app).registry.get(running.id)
+    assert record is not None and record.state == "SUCCESS" and record.deliveries == 1
+    assert len(_runs(data_dir, "finishing")) == 1
