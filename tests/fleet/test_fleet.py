@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from celery_tq.worker.handoff import UNRECORDED
 from tests.fleet import scenario
 
 # Timing-sensitive (a run started within 0.5 s of the fault counts as in flight, a 5 s gap as a
@@ -25,14 +26,14 @@ pytestmark = [
 TASKS = 600  # of 10 ms: the healthy hosts are busy when the fault hits and for a while after
 
 
-def assert_nothing_lost_nor_run_twice(outcome: scenario.Outcome) -> None:
+def assert_nothing_lost_nor_run_twice(outcome: scenario.Outcome, twice: int = 2) -> None:
     diagnosis = f"{outcome.row()}\n" + "\n".join(f"--- {h}\n{log[-2500:]}" for h, log in outcome.logs.items())
     assert outcome.lost == 0, diagnosis
     assert outcome.terminal, diagnosis
     assert outcome.duplicates_not_started == 0, diagnosis
     # The issue asks for <= 1; what holds is the prefetch window, c + 1 = 2: a task that had
     # finished as the fault hit (its ack lost) and one handed to the pool at that instant.
-    assert outcome.duplicates <= 2, diagnosis
+    assert outcome.duplicates <= twice, diagnosis
     # A healthy host stalled by the failed one would wait at least a lock or socket timeout (5 s+).
     assert outcome.stall_s < 5, diagnosis
 
@@ -49,6 +50,18 @@ def test_a_rabbitmq_worker_cut_off_leaves_every_record_success_and_comes_back() 
     # redelivered run's SUCCESS: the terminal state stays.
     outcome = scenario.run("partition", "rabbitmq", tasks=TASKS)
     assert_nothing_lost_nor_run_twice(outcome)
+    assert outcome.resumed_s is not None, "host 0 did not come back to work after the partition"
+
+
+def test_with_outcomes_handed_over_a_cut_off_worker_ran_at_most_three_tasks_per_process_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # tq_hand_over_outcomes: up to UNRECORDED tasks per pool process may have run whose outcomes
+    # were on their way to the registry when the link went (one partition run saw 3; before the
+    # bound, 6).
+    monkeypatch.setenv("TQ_FLEET_HANDOVER", "1")  # the workers inherit it
+    outcome = scenario.run("partition", "rabbitmq", tasks=TASKS)
+    assert_nothing_lost_nor_run_twice(outcome, twice=UNRECORDED * 1)
     assert outcome.resumed_s is not None, "host 0 did not come back to work after the partition"
 
 

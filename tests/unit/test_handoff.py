@@ -85,7 +85,7 @@ def outcome(task_id: str, state: str = "SUCCESS") -> dict[str, Any]:
 
 
 def send(handoff: Handoff, task_id: str, *rows: dict[str, Any]) -> None:
-    assert handoff.send(pickle.dumps((task_id, list(rows) or [outcome(task_id)])))
+    assert handoff.send(pickle.dumps((task_id, list(rows) or [outcome(task_id)], None, None)))
 
 
 def test_an_ack_is_held_until_the_outcome_is_written_then_released(
@@ -183,3 +183,52 @@ def test_a_pool_process_keeps_its_own_write_when(
     assert hand_over(store, row, _request(**request_fields)) is False, what
     row = change("f", "SUCCESS", 0, result="1", meta="{}")
     assert hand_over(store, row, _request()) is True  # the same process hands a plain one over
+
+
+def _settling(task: Any = None) -> threading.Thread:
+    thread = threading.Thread(target=handoff_module.settle_before_run, kwargs={"task": task}, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pool_process_runs_its_next_task_only_once_enough_of_its_outcomes_are_written(
+    active: tuple[Handoff, Loop], store: Store, gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoff, _ = active
+    handoff.owner = -1  # this test process plays a pool process
+    monkeypatch.setattr(handoff_module, "_child", None)
+    unrecorded = handoff_module.UNRECORDED
+    for i in range(unrecorded - 1):  # fewer than the bound: the next task runs at once
+        assert hand_over(store, change(f"s{i}", "SUCCESS", 0, result="1", meta="{}"), _request())
+        settle = _settling()
+        settle.join(1)
+        assert not settle.is_alive()
+    assert hand_over(store, change("last", "SUCCESS", 0, result="1", meta="{}"), _request())
+    settle = _settling()
+    settle.join(0.3)
+    assert settle.is_alive()  # the store has none of them yet: the next task waits
+    gate.open.set()
+    settle.join(5)
+    assert not settle.is_alive()
+    assert store.read(["s0"])[0] is not None
+
+
+def test_waiting_for_written_outcomes_takes_at_most_half_the_next_tasks_time_limit(
+    active: tuple[Handoff, Loop],
+    store: Store,
+    gate: Gate,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handoff, _ = active
+    handoff.owner = -1
+    monkeypatch.setattr(handoff_module, "_child", None)
+    for i in range(handoff_module.UNRECORDED):
+        assert hand_over(store, change(f"t{i}", "SUCCESS", 0, result="1", meta="{}"), _request())
+    task = SimpleNamespace(request=SimpleNamespace(id="next", timelimit=(None, 0.6)), app=None)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="celery_tq.registry"):
+        handoff_module.settle_before_run(task=task)
+    assert 0.25 < time.monotonic() - started < 2  # the store is still down (gate closed)
+    assert "running task next anyway" in caplog.text
+    gate.open.set()
