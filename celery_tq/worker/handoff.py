@@ -93,6 +93,7 @@ _CELERY_REQUEST = "celery.worker.request:Request"
 
 _active: Handoff | None = None  # the worker's, created in its main process before the pool forks
 _child: _ChildEnd | None = None  # this pool process's end, created at its first hand-over
+_unable = 0  # the pid of a pool process that could not create its end
 
 
 class Handoff:
@@ -294,6 +295,8 @@ def hand_over(store: Store, row: Row, request: Any) -> bool:
     ):
         return False
     child = _child_end(handoff)
+    if child is None:
+        return False
     taken = take_buffered(store)
     rows: Sequence[Row] = resolved([*taken, row])
     number = child.number + 1
@@ -333,10 +336,21 @@ class _ChildEnd:
         return True
 
 
-def _child_end(handoff: Handoff) -> _ChildEnd:
-    global _child
-    if _child is None or _child.pid != os.getpid():
+def _child_end(handoff: Handoff) -> _ChildEnd | None:
+    """This pool process's end; None where it cannot have one (no abstract socket namespace,
+    i.e. not Linux): its pool process then writes its outcomes itself."""
+    global _child, _unable
+    pid = os.getpid()
+    if _child is not None and _child.pid == pid:
+        return _child
+    if _unable == pid:
+        return None
+    try:
         _child = _ChildEnd(handoff.owner)
+    except OSError as exc:
+        _unable = pid
+        logger.warning("celery-tq: this pool process writes its outcomes itself (%s)", exc)
+        return None
     return _child
 
 

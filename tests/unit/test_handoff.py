@@ -232,3 +232,21 @@ def test_waiting_for_written_outcomes_takes_at_most_half_the_next_tasks_time_lim
     assert 0.25 < time.monotonic() - started < 2  # the store is still down (gate closed)
     assert "running task next anyway" in caplog.text
     gate.open.set()
+
+
+def test_a_pool_process_that_cannot_open_its_reply_socket_writes_its_outcomes_itself(
+    active: tuple[Handoff, Loop], store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoff, _ = active
+    handoff.owner = -1
+    monkeypatch.setattr(handoff_module, "_child", None)
+    monkeypatch.setattr(handoff_module, "_unable", 0)
+
+    def no_abstract_namespace(owner: int) -> None:
+        raise OSError("address family not supported")
+
+    monkeypatch.setattr(handoff_module, "_ChildEnd", no_abstract_namespace)
+    row = change("own", "SUCCESS", 0, result="1", meta="{}")
+    assert hand_over(store, row, _request()) is False
+    assert hand_over(store, row, _request()) is False  # and it does not try again
+    handoff_module.settle_before_run(task=None)  # nothing handed over: nothing to wait for
