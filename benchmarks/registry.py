@@ -4,7 +4,8 @@ Throughput: N no-op tasks are queued, then drained by one ``celery worker -P pre
 the time runs from the worker's start until every task's result is stored. Plain Celery runs
 with prefetch 1 and late ack (what priorities need) and Celery's own redis result backend;
 celery-tq runs its production preset (events, priority, metadata, STARTED records), with the
-broker and store named in the row. Configurations alternate within each round; each ratio is
+broker and store named in the row; rows ending in ``tq_hand_over_outcomes`` turn that opt-in on
+(README, "The write path"). Configurations alternate within each round; each ratio is
 the median over the rounds of (celery-tq / its plain baseline in the same round).
 
 Latency: ``apply_async`` p50/p99 with no worker running (the client's cost of a call: QUEUED
@@ -52,8 +53,8 @@ APP = textwrap.dedent(
     if os.environ["BENCH_TQ"] == "1":
         import celery_tq
         celery_tq.install(app, preset="production")
-        # opt-in (README, "The write path"): PostgreSQL rows batch the pool's outcomes
-        app.conf.tq_hand_over_outcomes = True
+        # opt-in (README, "The write path"): the pool's outcomes written in batches (SQL registries)
+        app.conf.tq_hand_over_outcomes = os.environ.get("BENCH_HAND_OVER") == "1"
     else:
         app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
     app.conf.update(
@@ -75,10 +76,17 @@ APP = textwrap.dedent(
 
 class Config:
     def __init__(
-        self, label: str, broker: str, backend: str, tq: bool, baseline: str, queue: str = ""
+        self,
+        label: str,
+        broker: str,
+        backend: str,
+        tq: bool,
+        baseline: str,
+        queue: str = "",
+        hand_over: bool = False,
     ) -> None:
         self.label, self.broker, self.backend, self.tq, self.baseline = label, broker, backend, tq, baseline
-        self.queue = queue
+        self.queue, self.hand_over = queue, hand_over
 
     def env(self) -> dict[str, str]:
         return {
@@ -86,6 +94,7 @@ class Config:
             "BENCH_BACKEND": self.backend,
             "BENCH_TQ": "1" if self.tq else "0",
             "BENCH_QUEUE": self.queue,
+            "BENCH_HAND_OVER": "1" if self.hand_over else "0",
         }
 
 
@@ -113,8 +122,24 @@ def configs(pg: str, vhost: str) -> list[Config]:
             True,
             plain_redis,
         ),
+        Config(
+            "celery-tq: tq+redis:// broker, tq+postgresql:// registry, tq_hand_over_outcomes",
+            f"tq+{broker}",
+            f"tq+{pg}",
+            True,
+            plain_redis,
+            hand_over=True,
+        ),
         Config(plain_amqp, amqp, results, False, plain_amqp),
         Config("celery-tq: RabbitMQ broker, tq+postgresql:// registry", amqp, f"tq+{pg}", True, plain_amqp),
+        Config(
+            "celery-tq: RabbitMQ broker, tq+postgresql:// registry, tq_hand_over_outcomes",
+            amqp,
+            f"tq+{pg}",
+            True,
+            plain_amqp,
+            hand_over=True,
+        ),
     ]
 
 
