@@ -85,8 +85,9 @@ HELD_PER_PROCESS = 4
 #: Tasks a pool process may have run whose outcomes are not written yet, the one it runs included:
 #: before its next task it waits until all but its last UNRECORDED - 1 outcomes are written. So a
 #: worker cut off from broker and store has run at most UNRECORDED x c tasks that other workers
-#: run again. (-c 2 drains on RabbitMQ with PostgreSQL, against plain Celery: 0.78x at 1, 0.85x
-#: at 2, 0.97x at 3, as without a bound; 0.84x without the hand-over.)
+#: run again. (Scratch -c 2 drains on RabbitMQ with PostgreSQL against plain Celery, one run:
+#: 0.78x at 1 and 0.85x at 2, no better than the 0.84x without the hand-over; 0.97x at 3, about
+#: what it gave without a bound. Other runs were closer together: the machine is noisy.)
 UNRECORDED = 3
 HANDED_STATES = frozenset({states.SUCCESS, states.FAILURE})
 _CELERY_REQUEST = "celery.worker.request:Request"
@@ -316,7 +317,11 @@ class _ChildEnd:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         # Linux's abstract namespace: no file to clean up, the name goes with the process
         self.address = f"\0celery-tq-outcomes-{owner}-{self.pid}-{uuid.uuid4().hex[:12]}"
-        self.sock.bind(self.address)
+        try:
+            self.sock.bind(self.address)
+        except OSError:
+            self.sock.close()
+            raise
         self.number = 0  # of the last outcome handed over
         self.written = 0  # the main process reported every outcome up to this one written
 
