@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,11 @@ def test_connection_error_becomes_resource_unavailable_after_max_retries(
         embedded_or_redis_shop.app.tasks["tqshop.always_unavailable"].delay().get(timeout=30)
     assert "connection refused" in caught.value.resource
     assert isinstance(caught.value.__cause__, ConnectionError)
+    # The pool process logs the retry after storing it, and the retried run may end (and get()
+    # return) first, in the other pool process: wait for the line, then count.
+    deadline = time.monotonic() + 10
+    while "Retry in" not in worker.log and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert worker.log.count("Retry in") == 1  # max_retries=1
 
 
