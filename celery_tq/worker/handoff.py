@@ -368,12 +368,12 @@ def settle_before_run(sender: Any = None, task: Any = None, **kwargs: Any) -> No
     never times out a task that has not run: after that the task runs, with a warning.
     """
     child, handoff = _child, _active
-    if child is None or child.pid != os.getpid():
-        return
+    if child is None or handoff is None or child.pid != os.getpid():
+        return  # (a pool process has an end only once it handed an outcome to ``_active``)
     number = child.number - UNRECORDED + 1
     if child.written >= number:
         return
-    timeout = (handoff.retry_for if handoff is not None else 60.0) + 5.0
+    timeout = handoff.retry_for + 5.0
     limit = _time_limit(task)
     if limit is not None:
         timeout = min(timeout, limit / 2)
