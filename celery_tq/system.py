@@ -25,7 +25,7 @@ from celery_tq.transport import register_transports
 from celery_tq.worker import timeouts
 from celery_tq.worker.events import BatchedEvents
 from celery_tq.worker.guard import RefuseUnsafeConfig
-from celery_tq.worker.handoff import HandOutcomes, HandOutcomesPrefetch, settle_before_run
+from celery_tq.worker.handoff import HandOutcomes, HandOutcomesPrefetch
 from celery_tq.worker.prefetch import ReserveExtra
 from celery_tq.worker.refused import RecordRefusedMessages
 from celery_tq.worker.request import WatchPoolProcesses
@@ -276,5 +276,3 @@ def _connect_signals(app: Celery) -> None:
             timeouts.set_pool(pool.__module__.rsplit(".", 1)[-1])
 
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=f"tq-pool-{id(app)}")
-    # a pool process that handed outcomes over runs its next task once enough of them are written
-    signals.task_prerun.connect(settle_before_run, weak=False, dispatch_uid="tq-handoff-settle")

@@ -4,8 +4,9 @@ Opt-in (``tq_hand_over_outcomes = True``): a task whose ack waits for its record
 unacked, so a worker cut off from broker and store for longer than its heartbeat may have run
 tasks that other workers then run again: at most ``UNRECORDED`` per pool process, 3c, where it
 is c + 1 without the hand-over. A pool process runs no further task while more of its outcomes
-than that are unwritten (:func:`settle_before_run`, on ``task_prerun``): the main process tells it,
-on a datagram socket of its own, up to which of its outcomes the store has them.
+than that are unwritten (:func:`settle_before_run`, on ``task_prerun``, connected by the worker
+step): the main process tells it, on a datagram socket of its own, up to which of its outcomes
+the store has them.
 
 On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: about
 0.5 ms of PostgreSQL's CPU for one outcome, 0.1 ms per outcome in a batch of ten
@@ -51,7 +52,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import bootsteps, states
+from celery import bootsteps, signals, states
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
@@ -461,6 +462,9 @@ class HandOutcomes(bootsteps.StartStopStep):
         for task in w.app.tasks.values():  # tasks on Celery's own request class hand over too
             if getattr(task, "Request", None) == _CELERY_REQUEST:
                 task.Request = f"{__name__}:HandoffRequest"
+        # before the pool forks, and only here: a worker that does not hand over pays nothing per
+        # task (Celery's tracer sends task_prerun only while it has receivers)
+        signals.task_prerun.connect(settle_before_run, weak=False, dispatch_uid="tq-handoff-settle")
 
     def start(self, w: Any) -> None:
         if self.handoff is not None:
