@@ -4,12 +4,12 @@ finished, whose ack did not reach the broker, is acked without running (the regi
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_for
 
 from .conftest import Shop
 
@@ -24,13 +24,6 @@ def done(data_dir: str) -> int:
     return sum(n for (kind, _), n in ledger(data_dir).items() if kind == "done")
 
 
-def wait_for(condition: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
-
-
 def test_a_dropped_broker_connection_loses_nothing_and_completes_nothing_twice(
     production_shop: Shop, data_dir: str
 ) -> None:
@@ -42,7 +35,7 @@ def test_a_dropped_broker_connection_loses_nothing_and_completes_nothing_twice(
         labels = [f"t{i}" for i in range(20)]
         results = [task.delay(label, 0.3) for label in labels]
         for target in (4, 12):  # each drop right after a task finished: its ack may be in flight
-            wait_for(lambda t=target: done(data_dir) >= t, 120)
+            wait_for(lambda t=target: done(data_dir) >= t, 120, f"{target} tasks done", interval=0.002)
             proxy.drop()
         assert [r.get(timeout=180) for r in results] == labels  # nothing lost
         assert "Cannot connect to" in worker.log  # the drops reached the worker: refused while down

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from celery.exceptions import TaskRevokedError
 
 from celery_tq import errors
 from celery_tq.system import system_for
+from tests.waiting import wait_for
 
 from .conftest import Shop
 
@@ -87,9 +87,7 @@ def test_connection_error_becomes_resource_unavailable_after_max_retries(
     assert isinstance(caught.value.__cause__, ConnectionError)
     # The pool process logs the retry after storing it, and the retried run may end (and get()
     # return) first, in the other pool process: wait for the line, then count.
-    deadline = time.monotonic() + 10
-    while "Retry in" not in worker.log and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: "Retry in" in worker.log, 10, "the retry's log line")
     assert worker.log.count("Retry in") == 1  # max_retries=1
 
 

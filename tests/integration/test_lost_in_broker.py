@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,12 @@ from celery_tq import errors
 from celery_tq.system import system_for
 from celery_tq.testing import WorkerProcess
 from tests.private_redis import PrivateRedis
+from tests.waiting import wait_for
 
 from .conftest import APPS
 
 ROOT = Path(__file__).parents[2]
 BIG = "x" * 2000  # more than the 1 KiB of JSON a record keeps of a call
-
-
-def _wait_for(condition: Callable[[], Any], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 class Setup:
@@ -144,7 +138,9 @@ def test_tasks_dropped_by_a_restarted_redis_are_listed_resent_and_marked(
         "queue": "tq.default",
     }
     assert chained.get(timeout=60) == 13  # the chain goes on after the re-sent first task
-    _wait_for(lambda: all(setup.state(i) == "SUCCESS" for i in (*small, waiting)))
+    wait_for(
+        lambda: all(setup.state(i) == "SUCCESS" for i in (*small, waiting)), 30, "every task to end SUCCESS"
+    )
     assert sorted(setup.runs()) == ["a", "b", "d"]  # each ran once; the big one never
     record = system_for(setup.app).registry.get(small[1])
     assert record is not None and (record.priority, record.tags, record.deliveries) == (9, {"vip"}, 1)
@@ -180,7 +176,8 @@ def test_a_task_a_worker_holds_for_its_eta_is_not_lost(on_redis: tuple[Setup, Pr
     setup.start_worker()
     later = setup.busy("later", countdown=300)
     client = redis.Redis(port=server.port)
-    _wait_for(lambda: client.keys("tq.default*") == [])  # out of the queue: the worker holds it
+    # out of the queue: the worker holds it
+    wait_for(lambda: client.keys("tq.default*") == [], 30, "the queue to empty")
     assert setup.state(later) == "QUEUED"
     assert setup.lost_ids() == {}  # held in kombu's unacked hash / the tq+redis processing list
     client.close()

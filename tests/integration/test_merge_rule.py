@@ -188,3 +188,27 @@ def test_the_postgresql_upsert_stays_short_enough_for_psycopg_to_cache_it() -> N
 
     # psycopg 3 parses a statement again on every execution past 4096 bytes (_queries.py)
     assert len(task_upsert("postgresql", 1).encode()) <= 4096
+
+
+def test_postgresql_writes_batches_of_every_size_with_one_prepared_statement(pg_url: str) -> None:
+    from celery_tq.registry.sql import SqlStore
+
+    store = store_for_url(pg_url)
+    assert isinstance(store, SqlStore)
+    sizes = [1, 3, 7, 2, 5, 4, 6, 1, 3, 7, 2, 5, 4, 6, 8]
+    for n, size in enumerate(sizes):
+        store.write(
+            [
+                change(f"b{n}-{i}", "SUCCESS", 0, submitted_at=T0 + i, priority=i, runtime=0.1)
+                for i in range(size)
+            ]
+        )
+    prepared = store.direct.run(
+        lambda conn: conn.execute(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE '%INSERT INTO tq_tasks%'"
+        ).fetchall()
+    )
+    assert len(prepared) == 1  # psycopg prepares a statement it runs the fifth time: every size shared it
+    records = Registry(store).query(limit=1000)
+    assert len(records) == sum(sizes)
+    assert {r.priority for r in records} == set(range(max(sizes)))

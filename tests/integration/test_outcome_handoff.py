@@ -23,6 +23,7 @@ from celery_tq.testing import WorkerProcess
 from celery_tq.worker.handoff import UNRECORDED
 from tests.registry_support import pg_url
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_for
 
 __all__ = ["pg_url"]
 
@@ -75,13 +76,6 @@ def hand(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterato
     sys.modules.pop("handapp", None)
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _states(registry: Registry, ids: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for task_id in ids:
@@ -107,10 +101,10 @@ def test_a_task_whose_record_cannot_be_written_is_not_acked_and_runs_again_after
             # A task that reaches an idle worker is written by its own pool process; a long one
             # keeps the worker busy, so the 20 below are handed over (and it is not among them).
             busy = work.delay(-2, 5.0)
-            _wait(lambda: (r := registry.get(busy.id)) is not None and r.state == "STARTED", 30, "STARTED")
+            wait_for(lambda: (r := registry.get(busy.id)) is not None and r.state == "STARTED", 30, "STARTED")
             proxy.stop()  # every link cut, and nothing listens: the store is unreachable from the worker
             ids = [work.delay(i).id for i in range(20)]
-            _wait(lambda: first.log.count("succeeded in") >= 1 + 3, 60, "tasks to run")
+            wait_for(lambda: first.log.count("succeeded in") >= 1 + 3, 60, "tasks to run")
             time.sleep(2.0)  # what the worker would ack or take next, it has by now
             ran = first.log.count("succeeded in") - 1
             # Its pool processes stop running tasks: each has run at most UNRECORDED whose outcomes
@@ -121,7 +115,7 @@ def test_a_task_whose_record_cannot_be_written_is_not_acked_and_runs_again_after
             first.kill()  # ...and nothing acked: the broker hands all 20 out again
     second = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
     try:
-        _wait(lambda: _states(registry, ids) == {"SUCCESS": 20}, 90, "every task to end SUCCESS")
+        wait_for(lambda: _states(registry, ids) == {"SUCCESS": 20}, 90, "every task to end SUCCESS")
         assert [work.AsyncResult(t).get(timeout=5)["i"] for t in ids] == list(range(20))
     finally:
         second.stop()
@@ -133,14 +127,14 @@ def test_a_warm_shutdown_writes_and_acks_what_its_pool_finished(hand: Hand, tmp_
     ids = [work.delay(i, 0.02).id for i in range(200)]
     first = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
     assert first.process is not None
-    _wait(lambda: registry.counts().get("SUCCESS", 0) >= 50, 60, "50 tasks done")
+    wait_for(lambda: registry.counts().get("SUCCESS", 0) >= 50, 60, "50 tasks done")
     os.kill(first.process.pid, signal.SIGTERM)  # warm shutdown: the pool finishes its tasks
     first.process.wait(60)
     first.stop()  # its log closed; nothing left to stop
     done_then = registry.counts().get("SUCCESS", 0)
     second = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
     try:
-        _wait(lambda: _states(registry, ids) == {"SUCCESS": 200}, 120, "every task to end SUCCESS")
+        wait_for(lambda: _states(registry, ids) == {"SUCCESS": 200}, 120, "every task to end SUCCESS")
     finally:
         second.stop()
     records = [registry.get(t) for t in ids]

@@ -19,6 +19,7 @@ from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
 from tests.conftest import service_missing
 from tests.private_redis import PrivateRedis
+from tests.waiting import wait_for
 
 from .conftest import APPS, Shop, tqshop
 
@@ -33,15 +34,6 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.kill()
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_store_outage_when_a_task_finishes_is_retried_then_reported_never_fatal(

@@ -22,6 +22,7 @@ from kombu import Connection, Producer
 
 from celery_tq.worker.events import unconfirm
 from tests.integration.conftest import Shop, _shop
+from tests.waiting import wait_for
 
 
 def test_unconfirm_takes_a_producer_off_publisher_confirms(rabbitmq_vhost: str) -> None:
@@ -84,15 +85,6 @@ class _Monitor:
         return all(set(ids) <= self.seen.get(kind, set()) for kind in kinds)
 
 
-def _wait(predicate: Any, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown(
     rabbitmq_shop: Shop,
 ) -> None:
@@ -104,7 +96,7 @@ def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown
         add = app.tasks["tqshop.add"]
         ids = [add.delay(i, i).id for i in range(30)]
         assert [app.AsyncResult(i).get(timeout=30) for i in ids] == [2 * i for i in range(30)]
-        assert _wait(lambda: set(ids) <= seen.get("task-succeeded", set()))
+        wait_for(lambda: set(ids) <= seen.get("task-succeeded", set()), 20, "every task-succeeded")
         assert set(ids) <= seen.get("task-received", set())
         assert set(ids) <= seen.get("task-started", set())
 
@@ -112,7 +104,7 @@ def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown
         for task_id in last:
             app.AsyncResult(task_id).get(timeout=30)
         worker.stop()  # within the 3 s flush interval: stopping flushes what is buffered
-        assert _wait(lambda: set(last) <= seen.get("task-succeeded", set()), timeout=10)
+        wait_for(lambda: set(last) <= seen.get("task-succeeded", set()), 10, "the last task-succeeded")
 
 
 def _run(app: Celery, count: int) -> list[str]:
@@ -136,20 +128,20 @@ def watched_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop
 def test_task_events_pause_with_no_monitor_and_resume_when_one_connects(watched_shop: Shop) -> None:
     app = watched_shop.app
     worker = watched_shop.start_worker()
-    assert _wait(lambda: PAUSED in worker.log, timeout=10)  # the first heartbeat found no listener
+    wait_for(lambda: PAUSED in worker.log, 10, "events paused")  # the first heartbeat found no listener
     _run(app, 5)
 
     with _Monitor(app, wakeup=True) as flower_like:  # Flower and `celery events` ask for a heartbeat
-        assert _wait(lambda: RESUMED in worker.log, timeout=5)
+        wait_for(lambda: RESUMED in worker.log, 5, "events resumed")
         ids = _run(app, 10)
-        assert _wait(lambda: flower_like.saw_all_events_of(ids))
+        wait_for(lambda: flower_like.saw_all_events_of(ids), 20, "the monitor to see every event")
 
-    assert _wait(lambda: worker.log.count(PAUSED) == 2, timeout=10)  # the monitor left
+    wait_for(lambda: worker.log.count(PAUSED) == 2, 10, "events paused again")  # the monitor left
     _run(app, 5)
     with _Monitor(app, wakeup=False) as plain_queue:  # no wakeup: the next heartbeat finds it
-        assert _wait(lambda: worker.log.count(RESUMED) == 2, timeout=10)
+        wait_for(lambda: worker.log.count(RESUMED) == 2, 10, "events resumed again")
         ids = _run(app, 10)
-        assert _wait(lambda: plain_queue.saw_all_events_of(ids))
+        wait_for(lambda: plain_queue.saw_all_events_of(ids), 20, "the plain queue to see every event")
     assert "Traceback" not in worker.log
 
 
@@ -161,5 +153,5 @@ def test_task_events_stay_on_when_pausing_is_turned_off(rabbitmq_shop: Shop) -> 
     time.sleep(5)  # two heartbeats with nobody listening
     with _Monitor(app, wakeup=False) as monitor:
         ids = _run(app, 5)
-        assert _wait(lambda: monitor.saw_all_events_of(ids))
+        wait_for(lambda: monitor.saw_all_events_of(ids), 20, "the monitor to see every event")
     assert PAUSED not in worker.log

@@ -12,6 +12,7 @@ import pytest
 
 from celery_tq import errors
 from celery_tq.system import system_for
+from tests.waiting import wait_for
 
 from .conftest import Shop
 
@@ -22,20 +23,13 @@ def _runs(data_dir: str, label: str) -> list[tuple[int, int, float]]:
     return [(int(p), int(r), float(t)) for lab, p, r, t in (line.split() for line in lines) if lab == label]
 
 
-def _wait_for(condition, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_task_whose_process_is_killed_runs_again_within_five_seconds(
     production_shop: Shop, data_dir: str
 ) -> None:
     production_shop.start_worker(concurrency=2)
     busy = production_shop.app.tasks["tqshop.busy"]
     victim = busy.delay("victim", 3)
-    _wait_for(lambda: bool(_runs(data_dir, "victim")))
+    wait_for(lambda: bool(_runs(data_dir, "victim")), 30, "the victim to run")
     pid, _, _ = _runs(data_dir, "victim")[0]
     os.kill(pid, signal.SIGKILL)  # what the OOM killer does
     killed_at = time.time()
@@ -106,7 +100,7 @@ def test_stopping_a_worker_process_lets_its_running_task_finish(embedded_shop: S
     so a task its pool is running ends normally, once, before the worker exits."""
     worker = embedded_shop.start_worker(concurrency=1)
     running = embedded_shop.app.tasks["tqshop.busy"].delay("finishing", 2)
-    _wait_for(lambda: bool(_runs(data_dir, "finishing")))
+    wait_for(lambda: bool(_runs(data_dir, "finishing")), 30, "the task to start")
     assert worker.stop() == 0
     record = system_for(embedded_shop.app).registry.get(running.id)
     assert record is not None and record.state == "SUCCESS" and record.deliveries == 1

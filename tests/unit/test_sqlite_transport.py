@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -21,6 +21,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from celery_tq.transport import register_transports, transport_for_url
 from celery_tq.transport.sqlite import Transport as SQLiteTransport
+from tests.waiting import wait_for
 
 CTX = multiprocessing.get_context("fork")
 FAST = {"polling_interval": 0.005, "sweep_interval": 0.2}
@@ -231,15 +232,6 @@ def count(url: str) -> int:
     return int(rows(url, "SELECT count(*) FROM tq_message")[0][0])
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def _sleeper(url: str, ready: Any) -> None:
     with Connection(url, transport_options=FAST) as conn:
         queue = Queue("celeryev.dead", Exchange("ev", "fanout"), auto_delete=True)
@@ -263,7 +255,12 @@ def test_growth_bounded_after_consumer_sigkill(url: str, procs: list[Any]) -> No
             time.sleep(0.01)
         assert rows(url, "SELECT count(*) FROM tq_message")[0][0] <= 30
         # the next sweep removes the dead queue's binding: a broadcast then stores nothing
-        assert wait_until(lambda: (producer.publish("after"), count(url))[1] == 0)
+        wait_for(
+            lambda: (producer.publish("after"), count(url))[1] == 0,
+            10,
+            "the dead binding to go",
+            interval=0.02,
+        )
     assert rows(url, "SELECT * FROM tq_binding WHERE queue='celeryev.dead'") == []
     assert rows(url, "SELECT * FROM tq_queue WHERE name='celeryev.dead'") == []
 
