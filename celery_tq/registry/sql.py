@@ -53,6 +53,7 @@ from celery_tq.registry.sql_merge import (
     parse_notice,
     tag_upsert_sqlite,
     task_upsert,
+    task_upsert_params,
 )
 
 __all__ = ["SCHEMA_VERSION", "SqlStore"]
@@ -254,9 +255,9 @@ class SqlStore:
         self._ensure_schema()
         folded = fold(changes)
         ids = sorted(folded)  # one lock order for every writer: concurrent batches never deadlock
-        params = [folded[i].get(c) for i in ids for c in COLUMNS]
         statement = task_upsert(self.dialect, len(ids))
         if self.is_sqlite:
+            params = [folded[i].get(c) for i in ids for c in COLUMNS]
             tags = tag_upsert_sqlite(ids)
 
             def work(conn: Any) -> None:
@@ -278,7 +279,8 @@ class SqlStore:
             def work(conn: Any) -> None:
                 if not self.through_pgbouncer:
                     self.direct.synchronous_commit(conn, durable)
-                conn.execute(statement, [*params, self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)])
+                arrays = task_upsert_params([folded[i] for i in ids])
+                conn.execute(statement, [*arrays, self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)])
 
         self.direct.run(work)
 

@@ -1,10 +1,11 @@
 """The forward-only merge of :func:`celery_tq.registry.record.merge` as one SQL upsert.
 
 A batch of changes (already folded per task id in Python) becomes ONE statement: a multi-row
-``INSERT ... ON CONFLICT (id) DO UPDATE`` whose ``SET`` clauses apply the merge rule server-side,
+``INSERT ... ON CONFLICT (id) DO UPDATE`` (on PostgreSQL its rows come from one text array per
+column: one statement text for every batch size) whose ``SET`` clauses apply the merge rule server-side,
 so no row is read by the client and no lock outlives the statement. On PostgreSQL the tag rows
 are upserted by the same statement (a data-modifying CTE); SQLite runs a second statement in the
-same (local, file-locked) transaction. ``tests/unit/test_merge_rule.py`` checks this SQL, the
+same (local, file-locked) transaction. ``tests/integration/test_merge_rule.py`` checks this SQL, the
 Python rule and the Redis store's Lua against one table of cases.
 """
 
@@ -12,11 +13,21 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
 
 from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME, WAKE_ROW_MAX, Row
 
-__all__ = ["NOTIFY_CHANNEL_SQL", "SQL_TYPES", "notice_id", "parse_notice", "tag_upsert_sqlite", "task_upsert"]
+__all__ = [
+    "NOTIFY_CHANNEL_SQL",
+    "SQL_TYPES",
+    "notice_id",
+    "parse_notice",
+    "pg_text",
+    "tag_upsert_sqlite",
+    "task_upsert",
+    "task_upsert_params",
+]
 
 # The channel of one registry: ``tq_done_`` and a hash of the schema its tables are in, so two
 # registries in one database (schemas of their own: staging and production, tests) never take
@@ -25,7 +36,7 @@ __all__ = ["NOTIFY_CHANNEL_SQL", "SQL_TYPES", "notice_id", "parse_notice", "tag_
 NOTIFY_CHANNEL_SQL = "'tq_done_' || left(md5(coalesce(current_schema(), '')), 16)"
 NOTICE_ROW_MAX = WAKE_ROW_MAX  # bytes of row JSON a notice carries
 
-# Casts for the VALUES list: PostgreSQL types a column of NULL parameters as text otherwise.
+# The PostgreSQL types of the columns that are not text (the batch arrives as text arrays).
 SQL_TYPES = {
     "priority": "int2",
     "progress": "int4",
@@ -112,24 +123,48 @@ _TAG_CONFLICT = (
 )
 
 
-def _placeholders(dialect: str) -> str:
-    if dialect == "postgresql":
-        return "(" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}" for c in COLUMNS) + ")"
-    return "(" + ", ".join("?" for _ in COLUMNS) + ")"
+def _sqlite_rows(rows: int) -> str:
+    return "VALUES " + ", ".join(["(" + ", ".join("?" for _ in COLUMNS) + ")"] * rows)
+
+
+# PostgreSQL: the batch as one array per column (sent as text), so that ONE statement text
+# serves every batch size: psycopg caches its parsed form and prepares it once, where a VALUES
+# list per size was parsed and planned again for each new size (the hand-over's and the client's
+# batches vary). The rows go in the arrays' order (lock order: see SqlStore.write).
+_PG_ROWS = "SELECT * FROM unnest(" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}[]" for c in COLUMNS) + ")"
+
+
+def pg_text(value: object) -> str | None:
+    """A column value as the text PostgreSQL parses back to it (``repr`` keeps a float's digits)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    return str(value)
+
+
+def task_upsert_params(rows: Sequence[Row]) -> list[list[str | None]]:
+    """The PostgreSQL statement's parameters for ``rows``: one text array per column, in order."""
+    return [[pg_text(row.get(c)) for row in rows] for c in COLUMNS]
 
 
 @functools.lru_cache(maxsize=128)
 def task_upsert(dialect: str, rows: int) -> str:
-    """The statement that merges ``rows`` changes (params: each row's COLUMNS, in order; on
-    PostgreSQL then the registry's channel, the value of :data:`NOTIFY_CHANNEL_SQL` in the
-    writer's session, evaluated once per connection rather than per row)."""
-    values = ", ".join([_placeholders(dialect)] * rows)
-    target, merge = ("tq_tasks AS o", _PG_SET) if dialect == "postgresql" else ("tq_tasks", _SQLITE_SET)
-    upsert = (
-        f"INSERT INTO {target} ({', '.join(COLUMNS)}) VALUES {values} ON CONFLICT (id) DO UPDATE SET {merge}"
-    )
+    """The statement that merges ``rows`` changes. SQLite: params are each row's COLUMNS, in
+    order. PostgreSQL: one text for any number of rows; params are :func:`task_upsert_params`,
+    then the registry's channel, the value of :data:`NOTIFY_CHANNEL_SQL` in the writer's
+    session, evaluated once per connection rather than per row."""
     if dialect != "postgresql":
-        return upsert
+        return (
+            f"INSERT INTO tq_tasks ({', '.join(COLUMNS)}) {_sqlite_rows(rows)} "
+            f"ON CONFLICT (id) DO UPDATE SET {_SQLITE_SET}"
+        )
+    upsert = f"INSERT INTO tq_tasks AS o ({', '.join(COLUMNS)}) {_PG_ROWS} ON CONFLICT (id) DO UPDATE SET "
+    upsert += _PG_SET
     # The task row stays locked by this statement until it commits, so two writers of one task
     # write its tag rows in the order they merged it: the tag rows carry its latest state.
     # A terminal write also notifies the registry's ``tq_done_*`` channel (delivered at commit):
