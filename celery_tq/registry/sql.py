@@ -279,8 +279,8 @@ class SqlStore:
             def work(conn: Any) -> None:
                 if not self.through_pgbouncer:
                     self.direct.synchronous_commit(conn, durable)
-                arrays = task_upsert_params([folded[i] for i in ids])
-                conn.execute(statement, [*arrays, self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)])
+                params = task_upsert_params([folded[i] for i in ids])
+                conn.execute(statement, [*params, self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)])
 
         self.direct.run(work)
 

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from celery_tq.registry.record import ATTEMPT, COLUMNS, DESCRIPTIVE, FINAL, OUTCOME, WAKE_ROW_MAX, Row
 
@@ -127,10 +128,13 @@ def _sqlite_rows(rows: int) -> str:
     return "VALUES " + ", ".join(["(" + ", ".join("?" for _ in COLUMNS) + ")"] * rows)
 
 
-# PostgreSQL: the batch as one array per column (sent as text), so that ONE statement text
-# serves every batch size: psycopg caches its parsed form and prepares it once, where a VALUES
-# list per size was parsed and planned again for each new size (the hand-over's and the client's
-# batches vary). The rows go in the arrays' order (lock order: see SqlStore.write).
+# PostgreSQL: a batch of several rows as one array per column (sent as text), so that ONE
+# statement text serves every batch size: psycopg caches its parsed form and prepares it once,
+# where a VALUES list per size was parsed and planned again for each new size (the hand-over's
+# and the client's batches vary). The rows go in the arrays' order (lock order: see
+# SqlStore.write). A single row (a pool process's own write: the common case) keeps a VALUES row
+# of typed parameters, which PostgreSQL runs faster than unnest.
+_PG_ONE = "VALUES (" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}" for c in COLUMNS) + ")"
 _PG_ROWS = "SELECT * FROM unnest(" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}[]" for c in COLUMNS) + ")"
 
 
@@ -147,15 +151,19 @@ def pg_text(value: object) -> str | None:
     return str(value)
 
 
-def task_upsert_params(rows: Sequence[Row]) -> list[list[str | None]]:
-    """The PostgreSQL statement's parameters for ``rows``: one text array per column, in order."""
+def task_upsert_params(rows: Sequence[Row]) -> list[Any]:
+    """The PostgreSQL statement's parameters for ``rows``: one row's values in COLUMNS order,
+    or for several rows one text array per column."""
+    if len(rows) == 1:
+        return [rows[0].get(c) for c in COLUMNS]
     return [[pg_text(row.get(c)) for row in rows] for c in COLUMNS]
 
 
 @functools.lru_cache(maxsize=128)
 def task_upsert(dialect: str, rows: int) -> str:
     """The statement that merges ``rows`` changes. SQLite: params are each row's COLUMNS, in
-    order. PostgreSQL: one text for any number of rows; params are :func:`task_upsert_params`,
+    order. PostgreSQL: one text for one row, one for any larger number; params are
+    :func:`task_upsert_params`,
     then the registry's channel, the value of :data:`NOTIFY_CHANNEL_SQL` in the writer's
     session, evaluated once per connection rather than per row."""
     if dialect != "postgresql":
@@ -163,7 +171,8 @@ def task_upsert(dialect: str, rows: int) -> str:
             f"INSERT INTO tq_tasks ({', '.join(COLUMNS)}) {_sqlite_rows(rows)} "
             f"ON CONFLICT (id) DO UPDATE SET {_SQLITE_SET}"
         )
-    upsert = f"INSERT INTO tq_tasks AS o ({', '.join(COLUMNS)}) {_PG_ROWS} ON CONFLICT (id) DO UPDATE SET "
+    upsert = f"INSERT INTO tq_tasks AS o ({', '.join(COLUMNS)}) {_PG_ONE if rows == 1 else _PG_ROWS} "
+    upsert += "ON CONFLICT (id) DO UPDATE SET "
     upsert += _PG_SET
     # The task row stays locked by this statement until it commits, so two writers of one task
     # write its tag rows in the order they merged it: the tag rows carry its latest state.
