@@ -195,7 +195,7 @@ def test_postgresql_writes_batches_of_every_size_with_two_prepared_statements(pg
 
     store = store_for_url(pg_url)
     assert isinstance(store, SqlStore)
-    sizes = [1, 3, 7, 1, 2, 5, 1, 4, 6, 1, 3, 7, 1, 2, 5, 4, 6, 8]
+    sizes = [1, 3, 7, 1, 2, 5, 1, 4, 6, 1, 3, 7, 1, 2, 5, 1, 4, 6, 1, 8]
     for n, size in enumerate(sizes):
         store.write(
             [
@@ -208,7 +208,7 @@ def test_postgresql_writes_batches_of_every_size_with_two_prepared_statements(pg
             "SELECT statement FROM pg_prepared_statements WHERE statement LIKE '%INSERT INTO tq_tasks%'"
         ).fetchall()
     )
-    # psycopg prepares a statement it runs the fifth time: one row, and every larger size, shared one
+    # psycopg prepares a statement once it has run it five times: one row, and every larger size, shared one
     assert len(prepared) == 2
     records = Registry(store).query(limit=1000)
     assert len(records) == sum(sizes)
