@@ -8,8 +8,8 @@ than that are unwritten (:func:`settle_before_run`, on ``task_prerun``, connecte
 step): the main process tells it, on a datagram socket of its own, up to which of its outcomes
 the store has them.
 
-On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: about
-0.5 ms of PostgreSQL's CPU for one outcome, 0.1 ms per outcome in a batch of ten
+On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: an
+outcome committed alone costs PostgreSQL about four times the CPU of one in a batch of ten
 (``benchmarks/registry_batches.py``). So in a prefork worker with an event loop, a pool process
 does not write a late-acked task's outcome itself. It sends the outcome's rows (with whatever
 ``STARTED``/``QUEUED`` it still buffers) to the main process over a local datagram socket and
