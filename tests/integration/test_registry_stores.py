@@ -480,3 +480,20 @@ def test_a_backlog_of_any_size_names_its_oldest_waiting_task_per_priority(store:
     oldest = registry.query(state="QUEUED", limit=3, oldest_first=True)
     assert [r.id for r in oldest] == ["q00000", "q00001", "q00002"]
     assert [r.id for r in registry.query(state="QUEUED", limit=2)] == ["urgent", f"q{RECENT_LIMIT + 499:05d}"]
+
+
+@pytest.mark.parametrize("bad", ["nul", "priority"], ids=["a NUL in a text", "a priority past int2"])
+def test_a_postgresql_batch_with_one_record_it_cannot_hold_writes_the_others(
+    pg_url: str, bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery_tq.registry.writer import write_isolating
+
+    store = store_for_url(pg_url)
+    now = time.time()
+    rows = [change(f"ok{i}", "SUCCESS", 0, submitted_at=now, priority=5, result="1") for i in range(4)]
+    refused = {"nul": {"result": "a\x00b"}, "priority": {"priority": 99_999}}[bad]
+    rows.insert(2, change("bad", "SUCCESS", 0, submitted_at=now, **refused))
+    with caplog.at_level("ERROR", logger="celery_tq.registry"):
+        write_isolating(store, rows)  # the batch statement fails: each row alone, "bad" dropped
+    assert sorted(r.id for r in Registry(store).query()) == [f"ok{i}" for i in range(4)]
+    assert "bad" in caplog.text
