@@ -6,7 +6,9 @@ with prefetch 1 and late ack (what priorities need) and Celery's own redis resul
 celery-tq runs its production preset (events, priority, metadata, STARTED records), with the
 broker and store named in the row; rows ending in ``tq_hand_over_outcomes`` turn that opt-in on
 (README, "The write path"). Configurations alternate within each round; each ratio is
-the median over the rounds of (celery-tq / its plain baseline in the same round).
+the median over the rounds of (celery-tq / its plain baseline in the same round). How far
+plain Celery's rounds lie apart is printed too: a busy machine slows plain Celery more than
+celery-tq, so the ratios of a noisy run flatter celery-tq (docs/benchmarks.md, Registry).
 
 Latency: ``apply_async`` p50/p99 with no worker running (the client's cost of a call: QUEUED
 record and task-sent event included) and the ``apply_async(...).get()`` round trip p50/p99 of one
@@ -322,6 +324,13 @@ def main() -> None:
                 f"| {config.label} | {statistics.median(rates[config.label]):.0f} | "
                 f"{statistics.median(ratios[config.label]):.2f}x |"
             )
+        for config in [] if args.latency_only else rows:
+            if config.label == config.baseline:  # how noisy the run was: ratios of a noisy run flatter
+                low, high = min(rates[config.label]), max(rates[config.label])
+                print(
+                    f"{config.label}: {low:.0f} to {high:.0f} tasks/s from round to round "
+                    f"({100 * (high - low) / high:.0f}% apart; below about 10% is a quiet run)"
+                )
         broker, results = f"{REDIS}/{BROKER_DB}", f"{REDIS}/{RESULT_DB}"
         plain = "plain Celery: redis:// broker, redis backend"
         lat = [
