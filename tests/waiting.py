@@ -10,15 +10,10 @@ from typing import Any
 def wait_for(
     condition: Callable[[], Any], timeout: float = 30.0, what: str = "the condition", interval: float = 0.05
 ) -> None:
-    """Return once ``condition()`` is true; ``AssertionError`` naming ``what`` after ``timeout`` s.
-
-    The condition is checked once more at the deadline, so a slow last poll never fails a test
-    whose condition came true meanwhile.
-    """
+    """Return once ``condition()`` is true; ``AssertionError`` naming ``what`` after ``timeout`` s
+    (the condition is always checked after the last sleep, so also at the deadline)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() >= deadline:
-            if condition():
-                return
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)

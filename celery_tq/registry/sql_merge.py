@@ -24,7 +24,6 @@ __all__ = [
     "SQL_TYPES",
     "notice_id",
     "parse_notice",
-    "pg_text",
     "tag_upsert_sqlite",
     "task_upsert",
     "task_upsert_params",
@@ -138,7 +137,7 @@ _PG_ONE = "VALUES (" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}" for c in COLU
 _PG_ROWS = "SELECT * FROM unnest(" + ", ".join(f"%s::{SQL_TYPES.get(c, 'text')}[]" for c in COLUMNS) + ")"
 
 
-def pg_text(value: object) -> str | None:
+def _pg_text(value: object) -> str | None:
     """A column value as the text PostgreSQL parses back to it (``repr`` keeps a float's digits)."""
     if value is None or isinstance(value, str):
         return value
@@ -156,16 +155,15 @@ def task_upsert_params(rows: Sequence[Row]) -> list[Any]:
     or for several rows one text array per column."""
     if len(rows) == 1:
         return [rows[0].get(c) for c in COLUMNS]
-    return [[pg_text(row.get(c)) for row in rows] for c in COLUMNS]
+    return [[_pg_text(row.get(c)) for row in rows] for c in COLUMNS]
 
 
 @functools.lru_cache(maxsize=128)
 def task_upsert(dialect: str, rows: int) -> str:
     """The statement that merges ``rows`` changes. SQLite: params are each row's COLUMNS, in
     order. PostgreSQL: one text for one row, one for any larger number; params are
-    :func:`task_upsert_params`,
-    then the registry's channel, the value of :data:`NOTIFY_CHANNEL_SQL` in the writer's
-    session, evaluated once per connection rather than per row."""
+    :func:`task_upsert_params`, then the registry's channel, the value of
+    :data:`NOTIFY_CHANNEL_SQL` in the writer's session, evaluated once per connection."""
     if dialect != "postgresql":
         return (
             f"INSERT INTO tq_tasks ({', '.join(COLUMNS)}) {_sqlite_rows(rows)} "
