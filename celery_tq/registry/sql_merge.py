@@ -27,6 +27,7 @@ __all__ = [
     "tag_upsert_sqlite",
     "task_upsert",
     "task_upsert_params",
+    "task_upsert_text",
 ]
 
 # The channel of one registry: ``tq_done_`` and a hash of the schema its tables are in, so two
@@ -156,6 +157,19 @@ def task_upsert_params(rows: Sequence[Row]) -> list[Any]:
     if len(rows) == 1:
         return [rows[0].get(c) for c in COLUMNS]
     return [[_pg_text(row.get(c)) for row in rows] for c in COLUMNS]
+
+
+def task_upsert_text(rows: Sequence[Row]) -> list[str | None]:
+    """:func:`task_upsert_params` as the text libpq sends (no psycopg adaptation): a value per
+    column for one row, for several one array literal per column (every element quoted)."""
+    if len(rows) == 1:
+        return [_pg_text(rows[0].get(c)) for c in COLUMNS]
+    return [_array_literal([_pg_text(row.get(c)) for row in rows]) for c in COLUMNS]
+
+
+def _array_literal(values: Sequence[str | None]) -> str:
+    items = ("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(items) + "}"
 
 
 @functools.lru_cache(maxsize=128)

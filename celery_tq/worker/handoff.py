@@ -13,10 +13,10 @@ outcome committed alone costs PostgreSQL about four times the CPU of one in a ba
 (``benchmarks/registry_batches.py``). So in a prefork worker with an event loop, a pool process
 does not write a late-acked task's outcome itself. It sends the outcome's rows (with whatever
 ``STARTED``/``QUEUED`` it still buffers) to the main process over a local datagram socket and
-goes on with its next task. One thread of the main process writes everything that arrived while
-its previous write ran in one transaction (group commit: no lingering, so ``get()`` waits no
-longer), and the main process acks each of those tasks' messages only once that transaction has
-committed. Invariant: a
+goes on with its next task. The main process writes everything that arrived while its previous
+write ran in one transaction (group commit: no lingering, so ``get()`` waits no longer), on
+PostgreSQL from its event loop (:class:`Handoff`), and acks each of those tasks' messages only
+once that transaction has committed. Invariant: a
 terminal record is durable before its message is acked. A kill -9 of a pool process loses
 nothing it handed over (the main process has it); a kill -9 of the worker loses only unacked
 work, which the broker redelivers.
@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import pickle
+import queue
 import select
 import socket
 import threading
@@ -58,6 +59,7 @@ from celery.worker.request import Request
 
 from celery_tq.registry import Store
 from celery_tq.registry.record import Row
+from celery_tq.registry.sql_async import LoopWrite, NotSent, conninfo_of
 from celery_tq.registry.writer import give_back, resolved, take_buffered, write_with_retry
 from celery_tq.settings import settings_for
 
@@ -98,8 +100,27 @@ _child: _ChildEnd | None = None  # this pool process's end, created at its first
 _unable = 0  # the pid of a pool process that could not create its end
 
 
+class _Batch:
+    """Outcomes written together: their rows, their tasks (one entry per outcome), the pool
+    processes to tell."""
+
+    def __init__(self, rows: list[Row], outcomes: list[str], replies: dict[str, int]) -> None:
+        self.rows, self.outcomes, self.replies = rows, outcomes, replies
+        self.on_loop = False  # sent on the event loop's connection (else: the writer thread's)
+        self.finished = False  # the writer thread is done with it
+        self.completed = False  # its acks are released
+
+
 class Handoff:
-    """The main process's end: receives outcomes, writes them in batches, releases their acks."""
+    """The main process's end: receives outcomes, writes them in batches, releases their acks.
+
+    Everything but the writer thread runs on the worker's event loop: the datagrams are read
+    there, and on PostgreSQL each batch is one prepared upsert sent and read there
+    (:class:`~celery_tq.registry.sql_async.LoopWrite`), one batch at a time, the next taking what
+    arrived meanwhile. The writer thread writes what the loop cannot (SQLite, PgBouncer, no
+    connection yet, a failed send or statement): the store's own write, retried while the store
+    is down, a refused record isolated; it (re)connects the loop's connection after.
+    """
 
     def __init__(self, store: Store, retry_for: float, max_extra: int = 1) -> None:
         self.store, self.url, self.retry_for = store, store.url, retry_for
@@ -108,24 +129,24 @@ class Handoff:
         self._recv, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._recv.setblocking(False)
         self._send.settimeout(SEND_TIMEOUT)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._lock = threading.Lock()
-        self._written = threading.Condition(self._lock)
-        self._queue: list[Row] = []  # received, not yet taken by the writer thread
+        self._queue: list[Row] = []  # received, not yet in a batch
         self._arrived: list[str] = []  # the tasks whose outcomes those rows carry, one per outcome
         self._replies: dict[str, int] = {}  # a pool process's address: the number of its latest outcome
         self._reply = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._reply.setblocking(False)
         self._unwritten: dict[str, int] = {}  # task id: outcomes received and not yet committed
         self._waiting: dict[str, list[Callable[[], None]]] = {}  # task id: acks held for it
-        self._ready: list[Callable[[], None]] = []  # acks whose records are committed
+        self._batch: _Batch | None = None  # the batch being written
         self._hub: Any = None
         self._sync = False  # shutting down: the event loop may not run; acks wait in place
+        where = conninfo_of(store)
+        self._loop_write = LoopWrite(*where) if where is not None else None
+        self._watched = -1  # the loop connection's socket, while the event loop watches it
+        self._jobs: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
+        self._finished = threading.Condition()
         self._thread: threading.Thread | None = None
-        # The event loop's thread only: acks held now, prefetch slots added for them, the
-        # most held since the last shrink, and the consumer's prefetch count (per connection).
+        # acks held now, prefetch slots added for them, the most held since the last shrink,
+        # and the consumer's prefetch count (per connection).
         self._held = self._allowed = self._peak = 0
         self._qos: Any = None
 
@@ -145,6 +166,9 @@ class Handoff:
             self._thread = threading.Thread(target=self._run, name="celery-tq-outcomes", daemon=True)
             self._thread.start()
             hub.call_repeatedly(SHRINK_EVERY, self._shrink)
+            hub.add_reader(self._recv, self._on_datagrams)
+            if self._loop_write is not None:  # connect off the loop
+                self._jobs.put(_Batch([], [], {}))
 
     def connected(self, qos: Any) -> None:
         """A (new) broker connection's prefetch count: held acks add to it from now on."""
@@ -169,37 +193,30 @@ class Handoff:
         """Whether ``task_id``'s ack must wait for its record (``ack`` is then called later, in
         the event loop). Its outcome was sent before the pool reported the task done, so it is
         either received by now or in the socket's queue."""
-        with self._lock:
-            drained = self._drain()
-            if task_id not in self._unwritten:
-                held = False
-            elif self._sync:  # shutting down: wait here, then the caller acks
-                self._wake()
-                while task_id in self._unwritten:
-                    if not self._written.wait(self.retry_for + 30):
-                        logger.error("celery-tq: record of task %s still unwritten at shutdown", task_id)
-                        break
-                held = False
-            else:
-                self._waiting.setdefault(task_id, []).append(ack)
-                held = True
-        if drained:
-            self._wake()
-        if held:
-            self._grow()
-        return held
+        self._drain()
+        if task_id not in self._unwritten:
+            return False
+        if self._sync:  # shutting down: write here, then the caller acks
+            self._settle()
+            if task_id in self._unwritten:
+                logger.error("celery-tq: record of task %s still unwritten at shutdown", task_id)
+            return False
+        self._waiting.setdefault(task_id, []).append(ack)
+        self._grow()
+        self._next()
+        return True
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Shutdown: write what was received, release its acks here; later acks wait in place."""
-        with self._lock:
-            self._sync = True
-            self._drain()
-            self._wake()
-            self._written.wait_for(lambda: not self._unwritten, timeout)
-        self._release()
+        """Shutdown: write what was received and release its acks here; later acks wait in place."""
+        self._sync = True
+        self._settle(timeout)
+
+    def _on_datagrams(self) -> None:
+        if self._drain():
+            self._next()
 
     def _drain(self) -> bool:
-        """Move every datagram waiting in the socket to the queue (lock held)."""
+        """Move every datagram waiting in the socket to the queue."""
         got = False
         while True:
             try:
@@ -218,63 +235,149 @@ class Handoff:
             self._unwritten[task_id] = self._unwritten.get(task_id, 0) + 1
             got = True
 
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # else a wake-up is pending already
-            os.write(self._wake_w, b"\0")
+    def _take(self) -> _Batch:
+        batch = self._batch = _Batch(self._queue, self._arrived, self._replies)
+        self._queue, self._arrived, self._replies = [], [], {}
+        return batch
 
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._recv, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while True:
+    def _next(self) -> None:
+        """Start writing what arrived, unless a batch is being written (it is taken after that)."""
+        if self._batch is not None or not self._arrived or self._sync:
+            return
+        batch = self._take()
+        loop_write = self._loop_write
+        if loop_write is not None and self._watched >= 0:
             try:
-                poller.poll(1000)
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-                with self._lock:
-                    self._drain()
-                    batch, self._queue = self._queue, []
-                    outcomes, self._arrived = self._arrived, []
-                    replies, self._replies = self._replies, {}
-                try:
-                    if outcomes:
-                        self._write(batch, outcomes)
-                finally:
-                    self._report(replies)
-            except Exception:
-                logger.exception("celery-tq: writing handed-over outcomes failed")
+                loop_write.send(batch.rows)
+            except NotSent as exc:
+                logger.debug("celery-tq: handed-over outcomes go to the writer thread (%s)", exc)
+                self._unwatch()
+            else:
+                batch.on_loop = True
+                return
+        self._jobs.put(batch)
 
-    def _report(self, replies: dict[str, int]) -> None:
-        """Tell each pool process up to which of its outcomes the store has them (or gave them up)."""
-        for address, number in replies.items():
-            with contextlib.suppress(OSError):  # a pool process that has exited
-                self._reply.sendto(number.to_bytes(8, "big"), address)
+    def _on_written(self) -> None:
+        """The loop connection's socket is readable: the batch's outcome, or a lost connection."""
+        loop_write, batch = self._loop_write, self._batch
+        assert loop_write is not None
+        try:
+            if not loop_write.poll():
+                return
+        except Exception as exc:
+            self._unwatch()
+            if batch is not None and batch.on_loop:
+                logger.debug("celery-tq: handed-over outcomes go to the writer thread (%s)", exc)
+                batch.on_loop = False
+                self._jobs.put(batch)  # written (again: the merge rule holds) by the store's write
+            return
+        if batch is not None and batch.on_loop:
+            self._complete(batch)
 
-    def _write(self, batch: list[Row], outcomes: list[str]) -> None:
-        named = ", ".join(outcomes[:5]) + (f" and {len(outcomes) - 5} more" if len(outcomes) > 5 else "")
-        write_with_retry(self.store, batch, f"the outcomes of task(s) {named}", self.retry_for)
-        with self._lock:
-            for task_id in outcomes:
-                left = self._unwritten.get(task_id, 0) - 1
-                if left > 0:
-                    self._unwritten[task_id] = left
-                    continue
-                self._unwritten.pop(task_id, None)
-                self._ready.extend(self._waiting.pop(task_id, ()))
-            self._written.notify_all()
-            release = bool(self._ready) and not self._sync
-        if release:
-            self._hub.call_soon(self._release)  # kombu's Hub: safe from another thread
+    def _unwatch(self) -> None:
+        if self._watched >= 0:
+            self._hub.remove_reader(self._watched)
+            self._watched = -1
+        if self._loop_write is not None:
+            self._loop_write.close()
 
-    def _release(self) -> None:
-        with self._lock:
-            ready, self._ready = self._ready, []
+    def _complete(self, batch: _Batch) -> None:
+        """``batch`` is written (or given up): release its acks, tell its pool processes, go on."""
+        if batch.completed:
+            return
+        batch.completed = True
+        ready: list[Callable[[], None]] = []
+        for task_id in batch.outcomes:
+            left = self._unwritten.get(task_id, 0) - 1
+            if left > 0:
+                self._unwritten[task_id] = left
+                continue
+            self._unwritten.pop(task_id, None)
+            ready.extend(self._waiting.pop(task_id, ()))
+        if self._batch is batch:
+            self._batch = None
+        self._report(batch.replies)
         self._held -= len(ready)
         for ack in ready:
             try:
                 ack()
             except Exception:
                 logger.exception("celery-tq: ack after the record was written failed")
+        loop_write = self._loop_write
+        if loop_write is not None and self._watched < 0 and loop_write.connected and not self._sync:
+            self._watched = loop_write.fileno()
+            self._hub.add_reader(self._watched, self._on_written)
+        self._next()
+
+    def _settle(self, timeout: float | None = None) -> None:
+        """Blocking (shutdown): write everything received, release its acks."""
+        limit = self.retry_for + 30 if timeout is None else timeout
+        while True:
+            self._drain()
+            batch = self._batch
+            if batch is None:
+                if not self._arrived:
+                    return
+                batch = self._take()
+                self._write(batch)
+            elif batch.on_loop:
+                if not self._wait_on_loop(limit):
+                    self._write(batch)
+            else:
+                with self._finished:
+                    if not self._finished.wait_for(lambda b=batch: b.finished, limit):  # type: ignore[misc]
+                        logger.error("celery-tq: handed-over outcomes still unwritten at shutdown")
+                        return
+            self._complete(batch)
+
+    def _wait_on_loop(self, timeout: float) -> bool:
+        """Wait here for the loop connection's batch; False if it failed (not known written)."""
+        loop_write = self._loop_write
+        assert loop_write is not None
+        deadline = time.monotonic() + timeout
+        try:
+            while not loop_write.poll():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no answer from the store")
+                select.select([loop_write.fileno()], [], [], remaining)
+        except Exception:
+            self._unwatch()
+            return False
+        return True
+
+    def _write(self, batch: _Batch) -> None:
+        named = ", ".join(batch.outcomes[:5])
+        if len(batch.outcomes) > 5:
+            named += f" and {len(batch.outcomes) - 5} more"
+        write_with_retry(self.store, batch.rows, f"the outcomes of task(s) {named}", self.retry_for)
+
+    def _run(self) -> None:
+        """The writer thread: batches the loop cannot write, and the loop's connection."""
+        while True:
+            batch = self._jobs.get()
+            try:
+                if batch.outcomes:
+                    self._write(batch)
+                loop_write = self._loop_write
+                if loop_write is not None and loop_write.closed:  # (the loop closes a failed one)
+                    try:
+                        loop_write.connect()
+                    except Exception as exc:
+                        logger.debug("celery-tq: no loop connection to the store yet (%s)", exc)
+            except Exception:
+                logger.exception("celery-tq: writing handed-over outcomes failed")
+            with self._finished:
+                batch.finished = True
+                self._finished.notify_all()
+            if not self._sync:
+                self._hub.call_soon(self._complete, batch)  # kombu's Hub: safe from another thread
+
+    def _report(self, replies: dict[str, int]) -> None:
+        """Tell each pool process up to which of its outcomes the store has them (or gave them up)."""
+        for address, number in replies.items():
+            with contextlib.suppress(OSError):  # a pool process that has exited
+                self._reply.sendto(number.to_bytes(8, "big"), address)
 
 
 def hand_over(store: Store, row: Row, request: Any) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import select
 import threading
 import time
 import uuid
@@ -23,18 +24,26 @@ from celery_tq.worker.handoff import ACK_KEY, MAX_DATAGRAM, Handoff, hand_over
 
 
 class Loop:
-    """A stand-in for kombu's hub: ``call_soon`` from the writer thread runs in ``run()``."""
+    """A stand-in for kombu's hub: readers and ``call_soon`` callbacks (from the writer thread)
+    run in ``run()``."""
 
     def __init__(self) -> None:
         self.ready: list[Callable[[], None]] = []
+        self.readers: dict[int, Callable[[], None]] = {}
         self.lock = threading.Lock()
 
-    def call_soon(self, callback: Callable[[], None]) -> None:
+    def call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         with self.lock:
-            self.ready.append(callback)
+            self.ready.append(lambda: callback(*args))
 
     def call_repeatedly(self, *_: Any) -> None:
         pass
+
+    def add_reader(self, fd: Any, callback: Callable[[], None]) -> None:
+        self.readers[fd if isinstance(fd, int) else fd.fileno()] = callback
+
+    def remove_reader(self, fd: int) -> None:
+        self.readers.pop(fd, None)
 
     def run(self, until: Callable[[], bool], timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -44,7 +53,10 @@ class Loop:
                 ready, self.ready = self.ready, []
             for callback in ready:
                 callback()
-            time.sleep(0.005)
+            readable, _, _ = select.select(list(self.readers), [], [], 0.005)
+            for fd in readable:
+                if fd in self.readers:
+                    self.readers[fd]()
 
 
 @pytest.fixture
@@ -185,6 +197,11 @@ def test_a_pool_process_keeps_its_own_write_when(
     assert hand_over(store, row, _request()) is True  # the same process hands a plain one over
 
 
+def _run_for(loop: Loop, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    loop.run(lambda: time.monotonic() >= deadline, timeout=seconds + 5)
+
+
 def _settling(task: Any = None) -> threading.Thread:
     thread = threading.Thread(target=handoff_module.settle_before_run, kwargs={"task": task}, daemon=True)
     thread.start()
@@ -194,7 +211,7 @@ def _settling(task: Any = None) -> threading.Thread:
 def test_a_pool_process_runs_its_next_task_only_once_enough_of_its_outcomes_are_written(
     active: tuple[Handoff, Loop], store: Store, gate: Gate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    handoff, _ = active
+    handoff, loop = active
     handoff.owner = -1  # this test process plays a pool process
     monkeypatch.setattr(handoff_module, "_child", None)
     unrecorded = handoff_module.UNRECORDED
@@ -205,11 +222,10 @@ def test_a_pool_process_runs_its_next_task_only_once_enough_of_its_outcomes_are_
         assert not settle.is_alive()
     assert hand_over(store, change("last", "SUCCESS", 0, result="1", meta="{}"), _request())
     settle = _settling()
-    settle.join(0.3)
+    _run_for(loop, 0.3)
     assert settle.is_alive()  # the store has none of them yet: the next task waits
     gate.open.set()
-    settle.join(5)
-    assert not settle.is_alive()
+    loop.run(lambda: not settle.is_alive())  # the main process's loop reads and writes them
     assert store.read(["s0"])[0] is not None
 
 
