@@ -1,14 +1,14 @@
 """Registry benchmark: celery-tq with its registry as the result backend vs plain Celery.
 
-Throughput: N no-op tasks are queued, then drained by one ``celery worker -P prefork -c 2``;
-the time runs from the worker's start until every task's result is stored. Plain Celery runs
-with prefetch 1 and late ack (what priorities need) and Celery's own redis result backend;
-celery-tq runs its production preset (events, priority, metadata, STARTED records), with the
-broker and store named in the row; rows ending in ``tq_hand_over_outcomes`` turn that opt-in on
-(README, "The write path"). Configurations alternate within each round; each ratio is
-the median over the rounds of (celery-tq / its plain baseline in the same round). How far
-plain Celery's rounds lie apart is printed too: a busy machine slows plain Celery more than
-celery-tq, so the ratios of a noisy run flatter celery-tq (docs/benchmarks.md, Registry).
+Throughput: N no-op tasks are queued, then drained by one ``celery worker -P prefork -c 2``; the
+time runs from the worker's start until every task's result is stored. Plain Celery runs with
+prefetch 1 and late ack (what priorities need) and Celery's own redis result backend; celery-tq
+runs its production preset (events, priority, metadata, STARTED records), with the broker and
+store named in the row; rows ending in ``tq_hand_over_outcomes off`` turn off the preset's
+hand-over of outcomes (README, "The write path"). Configurations alternate within each round;
+each ratio is the median over the rounds of (celery-tq / its plain baseline in the same round).
+How far plain Celery's rounds lie apart is printed too: a busy machine slows plain Celery more
+than celery-tq, so the ratios of a noisy run flatter celery-tq (docs/benchmarks.md, Registry).
 
 Latency: ``apply_async`` p50/p99 with no worker running (the client's cost of a call: QUEUED
 record and task-sent event included) and the ``apply_async(...).get()`` round trip p50/p99 of one
@@ -55,8 +55,9 @@ APP = textwrap.dedent(
     if os.environ["BENCH_TQ"] == "1":
         import celery_tq
         celery_tq.install(app, preset="production")
-        # opt-in (README, "The write path"): the pool's outcomes written in batches (SQL registries)
-        app.conf.tq_hand_over_outcomes = os.environ.get("BENCH_HAND_OVER") == "1"
+        # the preset hands the pool's outcomes to the main process (SQL registries): off here
+        if os.environ.get("BENCH_HAND_OVER") == "0":
+            app.conf.tq_hand_over_outcomes = False
     else:
         app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
     app.conf.update(
@@ -85,7 +86,7 @@ class Config:
         tq: bool,
         baseline: str,
         queue: str = "",
-        hand_over: bool = False,
+        hand_over: bool = True,
     ) -> None:
         self.label, self.broker, self.backend, self.tq, self.baseline = label, broker, backend, tq, baseline
         self.queue, self.hand_over = queue, hand_over
@@ -96,7 +97,7 @@ class Config:
             "BENCH_BACKEND": self.backend,
             "BENCH_TQ": "1" if self.tq else "0",
             "BENCH_QUEUE": self.queue,
-            "BENCH_HAND_OVER": "1" if self.hand_over else "0",
+            "BENCH_HAND_OVER": "" if self.hand_over else "0",
         }
 
 
@@ -125,22 +126,22 @@ def configs(pg: str, vhost: str) -> list[Config]:
             plain_redis,
         ),
         Config(
-            "celery-tq: tq+redis:// broker, tq+postgresql:// registry, tq_hand_over_outcomes",
+            "celery-tq: tq+redis:// broker, tq+postgresql:// registry, tq_hand_over_outcomes off",
             f"tq+{broker}",
             f"tq+{pg}",
             True,
             plain_redis,
-            hand_over=True,
+            hand_over=False,
         ),
         Config(plain_amqp, amqp, results, False, plain_amqp),
         Config("celery-tq: RabbitMQ broker, tq+postgresql:// registry", amqp, f"tq+{pg}", True, plain_amqp),
         Config(
-            "celery-tq: RabbitMQ broker, tq+postgresql:// registry, tq_hand_over_outcomes",
+            "celery-tq: RabbitMQ broker, tq+postgresql:// registry, tq_hand_over_outcomes off",
             amqp,
             f"tq+{pg}",
             True,
             plain_amqp,
-            hand_over=True,
+            hand_over=False,
         ),
     ]
 

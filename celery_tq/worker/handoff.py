@@ -1,12 +1,12 @@
 """Outcomes handed from pool processes to the worker's main process, acked once durable.
 
-Opt-in (``tq_hand_over_outcomes = True``): a task whose ack waits for its record is still
-unacked, so a worker cut off from broker and store for longer than its heartbeat may have run
-tasks that other workers then run again: at most ``UNRECORDED`` per pool process, 3c, where it
-is c + 1 without the hand-over. A pool process runs no further task while more of its outcomes
-than that are unwritten (:func:`settle_before_run`, on ``task_prerun``, connected by the worker
-step): the main process tells it, on a datagram socket of its own, up to which of its outcomes
-the store has them.
+``tq_hand_over_outcomes = True`` (the production preset's setting): a task whose ack waits for
+its record is still unacked, so a worker cut off from broker and store for longer than its
+heartbeat may have run tasks that other workers then run again: at most ``UNRECORDED`` per pool
+process and one whose ack was on its way, 3c + 1, where it is c + 1 without the hand-over. A
+pool process runs no further task while more of its outcomes than that are unwritten
+(:func:`settle_before_run`, on ``task_prerun``, connected by the worker step): the main process
+tells it, on a datagram socket of its own, up to which of its outcomes the store has them.
 
 On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: an
 outcome committed alone costs PostgreSQL about four times the CPU of one in a batch of ten

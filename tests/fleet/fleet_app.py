@@ -33,8 +33,10 @@ def record(*fields: object) -> None:
 def make_app() -> Celery:
     app = Celery("fleet", set_as_current=False)
     tq = celery_tq.install(app, preset="production")
-    # the opt-in hand-over of outcomes to the worker's main process (tests/fleet/test_fleet.py)
-    app.conf.tq_hand_over_outcomes = os.environ.get("TQ_FLEET_HANDOVER") == "1"
+    # the preset hands outcomes to the worker's main process; TQ_FLEET_HANDOVER=0 turns that off
+    # (tests/fleet/test_fleet.py)
+    if os.environ.get("TQ_FLEET_HANDOVER") == "0":
+        app.conf.tq_hand_over_outcomes = False
 
     @tq.task(name="fleet.work", shared=False, bind=True)
     def work(self: Any, ms: float) -> None:
