@@ -216,7 +216,8 @@ class SqlStore:
             payload = self._seen_done.pop(task_id, None)
         return None if payload is None else parse_notice(payload)[1]
 
-    def _ensure_schema(self) -> None:
+    def ensure_schema(self) -> None:
+        """Create the tables, once per process (every call before a read or write does this)."""
         if self._ready:
             return
         with self._lock:
@@ -252,7 +253,7 @@ class SqlStore:
                 yield conn
 
     def write(self, changes: Sequence[Row]) -> None:
-        self._ensure_schema()
+        self.ensure_schema()
         folded = fold(changes)
         ids = sorted(folded)  # one lock order for every writer: concurrent batches never deadlock
         statement = task_upsert(self.dialect, len(ids))
@@ -285,7 +286,7 @@ class SqlStore:
         self.direct.run(work)
 
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:
-        self._ensure_schema()
+        self.ensure_schema()
         if not task_ids:
             return []
         mark = "?" if self.is_sqlite else "%s"
@@ -301,7 +302,7 @@ class SqlStore:
         return [found.get(i) for i in task_ids]
 
     def query(self, query: Query) -> list[Row]:
-        self._ensure_schema()
+        self.ensure_schema()
         source, conditions, order, _ = _filters(query)
         ordered = order.asc() if query.oldest_first else order.desc()
         stmt = select(tasks).select_from(source).where(*conditions).order_by(ordered).limit(query.limit)
@@ -309,20 +310,20 @@ class SqlStore:
             return [_row(r) for r in conn.execute(stmt)]
 
     def counts(self, query: Query) -> dict[str, int]:
-        self._ensure_schema()
+        self.ensure_schema()
         source, conditions, _, state = _filters(query)
         stmt = select(state, func.count()).select_from(source).where(*conditions).group_by(state)
         with self.engine.connect() as conn:
             return {str(s): int(n) for s, n in conn.execute(stmt)}
 
     def delete(self, task_id: str) -> None:
-        self._ensure_schema()
+        self.ensure_schema()
         with self._writing() as conn:
             conn.execute(delete(task_tags).where(task_tags.c.task_id == task_id))
             conn.execute(delete(tasks).where(tasks.c.id == task_id))
 
     def purge(self, before: float) -> int:
-        self._ensure_schema()
+        self.ensure_schema()
         with self._writing() as conn:
             conn.execute(delete(task_tags).where(task_tags.c.submitted_at < before))
             purged = conn.execute(delete(tasks).where(tasks.c.submitted_at < before)).rowcount
@@ -330,7 +331,7 @@ class SqlStore:
         return int(purged or 0)
 
     def kv_get(self, keys: Sequence[str]) -> list[bytes | None]:
-        self._ensure_schema()
+        self.ensure_schema()
         live = (kv.c.expires_at.is_(None)) | (kv.c.expires_at >= time.time())
         with self.engine.connect() as conn:
             found = dict(conn.execute(select(kv.c.key, kv.c.value).where(kv.c.key.in_(keys), live)).all())
@@ -340,7 +341,7 @@ class SqlStore:
         self._kv_update(key, lambda old: value, ttl)
 
     def kv_delete(self, key: str) -> None:
-        self._ensure_schema()
+        self.ensure_schema()
         with self._writing() as conn:
             conn.execute(delete(kv).where((kv.c.key == key) | _members_of(key)))
 
@@ -348,13 +349,13 @@ class SqlStore:
         return int(self._kv_update(key, lambda old: str(int(old or b"0") + 1).encode(), ttl, keep_ttl=True))
 
     def kv_expire(self, key: str, ttl: float | None) -> None:
-        self._ensure_schema()
+        self.ensure_schema()
         with self._writing() as conn:
             conn.execute(update(kv).where(kv.c.key == key).values(expires_at=_expiry(ttl)))
 
     def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
         # The list's size at ``key`` (locked, so pushes serialize) and one row per member.
-        self._ensure_schema()
+        self.ensure_schema()
         expires = _expiry(ttl)
         for attempt in range(5):
             try:
@@ -382,13 +383,13 @@ class SqlStore:
         raise AssertionError("unreachable")
 
     def kv_list(self, key: str) -> list[bytes]:
-        self._ensure_schema()
+        self.ensure_schema()
         live = (kv.c.expires_at.is_(None)) | (kv.c.expires_at >= time.time())
         with self.engine.connect() as conn:
             return by_score(conn.execute(select(kv.c.value).where(_members_of(key), live)).scalars())
 
     def _kv_update(self, key: str, compute: Any, ttl: float | None, keep_ttl: bool = False) -> bytes:
-        self._ensure_schema()
+        self.ensure_schema()
         for attempt in range(5):
             try:
                 with self._writing() as conn:

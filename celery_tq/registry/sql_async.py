@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery_tq.registry.record import Row, fold
 from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL, task_upsert, task_upsert_text
 
-__all__ = ["LoopWrite", "NotSent", "conninfo_of"]
+__all__ = ["LoopWrite", "NotSent", "loop_write_for"]
 
 _ONE, _MANY = b"tq_loop_one", b"tq_loop_many"
 
@@ -40,8 +40,11 @@ def _numbered(statement: str) -> str:
 class LoopWrite:
     """One PostgreSQL connection of a store's, for writes an event loop drives (one at a time)."""
 
-    def __init__(self, conninfo: str, connect_args: dict[str, Any]) -> None:
+    def __init__(
+        self, conninfo: str, connect_args: dict[str, Any], before: Callable[[], None] | None = None
+    ) -> None:
         self.conninfo, self.connect_args = conninfo, connect_args
+        self._before = before  # run before connecting: the store creates its tables
         self._conn: Any = None
         self._channel = b""
         self._busy = False
@@ -63,6 +66,8 @@ class LoopWrite:
         """Open the connection and prepare the statements (blocking: not on the loop)."""
         import psycopg
 
+        if self._before is not None:
+            self._before()
         conn = psycopg.connect(self.conninfo, autocommit=True, **self.connect_args)
         try:
             conn.execute("SET synchronous_commit = on")  # every batch holds outcomes
@@ -132,10 +137,10 @@ class LoopWrite:
                 conn.close()
 
 
-def conninfo_of(store: Any) -> tuple[str, dict[str, Any]] | None:
-    """The libpq connection string and parameters of a PostgreSQL ``SqlStore``; None for a
-    store whose outcomes this cannot write (SQLite; PgBouncer in transaction mode, which has no
-    prepared statements)."""
+def loop_write_for(store: Any) -> LoopWrite | None:
+    """A loop connection for a PostgreSQL ``SqlStore`` (not connected yet); None for a store whose
+    outcomes it cannot write (SQLite; PgBouncer in transaction mode, which has no prepared
+    statements)."""
     from celery_tq.registry.sql import SqlStore
 
     if not isinstance(store, SqlStore) or store.is_sqlite or store.through_pgbouncer:
@@ -143,4 +148,5 @@ def conninfo_of(store: Any) -> tuple[str, dict[str, Any]] | None:
     from celery_tq.registry.sql_conn import pg_params
 
     url, args, _ = pg_params(store.direct.url)
-    return url.set(drivername="postgresql").render_as_string(hide_password=False), args
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return LoopWrite(conninfo, args, before=store.ensure_schema)

@@ -59,7 +59,7 @@ from celery.worker.request import Request
 
 from celery_tq.registry import Store
 from celery_tq.registry.record import Row
-from celery_tq.registry.sql_async import LoopWrite, NotSent, conninfo_of
+from celery_tq.registry.sql_async import NotSent, loop_write_for
 from celery_tq.registry.writer import give_back, resolved, take_buffered, write_with_retry
 from celery_tq.settings import settings_for
 
@@ -81,6 +81,7 @@ ACK_KEY = "tq_ack_after_write"
 MAX_DATAGRAM = 64 * 1024
 SEND_TIMEOUT = 30.0
 SHRINK_EVERY = 1.0
+CONNECT_EVERY = 5.0  # seconds between attempts at the event loop's store connection
 #: Prefetch slots held acks may add, per pool process (at 1 per process a -c 2 drain on
 #: PostgreSQL ran about 30% slower than at 4 or more: its acks wait for the write in flight
 #: and the one after it).
@@ -139,10 +140,10 @@ class Handoff:
         self._batch: _Batch | None = None  # the batch being written
         self._hub: Any = None
         self._sync = False  # shutting down: the event loop may not run; acks wait in place
-        where = conninfo_of(store)
-        self._loop_write = LoopWrite(*where) if where is not None else None
+        self._loop_write = loop_write_for(store)  # PostgreSQL: batches written on the event loop
         self._watched = -1  # the loop connection's socket, while the event loop watches it
         self._jobs: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
+        self._connect_after = 0.0  # the writer thread's next attempt at the loop's connection
         self._finished = threading.Condition()
         self._thread: threading.Thread | None = None
         # acks held now, prefetch slots added for them, the most held since the last shrink,
@@ -340,7 +341,9 @@ class Handoff:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("no answer from the store")
-                select.select([loop_write.fileno()], [], [], remaining)
+                poller = select.poll()  # (select.select cannot watch a descriptor past 1023)
+                poller.register(loop_write.fileno(), select.POLLIN)
+                poller.poll(remaining * 1000)
         except Exception:
             self._unwatch()
             return False
@@ -360,10 +363,11 @@ class Handoff:
                 if batch.outcomes:
                     self._write(batch)
                 loop_write = self._loop_write
-                if loop_write is not None and loop_write.closed:  # (the loop closes a failed one)
-                    try:
+                if loop_write is not None and loop_write.closed and time.monotonic() >= self._connect_after:
+                    try:  # (the loop closes a connection that failed)
                         loop_write.connect()
                     except Exception as exc:
+                        self._connect_after = time.monotonic() + CONNECT_EVERY  # not once per batch
                         logger.debug("celery-tq: no loop connection to the store yet (%s)", exc)
             except Exception:
                 logger.exception("celery-tq: writing handed-over outcomes failed")

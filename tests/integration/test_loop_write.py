@@ -15,7 +15,7 @@ import pytest
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.registry.record import change
 from celery_tq.registry.sql import SqlStore
-from celery_tq.registry.sql_async import LoopWrite, NotSent, conninfo_of
+from celery_tq.registry.sql_async import LoopWrite, NotSent, loop_write_for
 from tests.registry_support import pg_url
 
 __all__ = ["pg_url"]
@@ -23,17 +23,17 @@ __all__ = ["pg_url"]
 ODD = 'quote " backslash \\ braces {a,b} comma, NULL spaces  é ✓'
 
 
-def _store(url: str) -> SqlStore:
+def _store(url: str, warm: bool = True) -> SqlStore:
     store = store_for_url(f"tq+{url}")
     assert isinstance(store, SqlStore)
-    store.write([change("warm-up", "QUEUED", 0, name="t")])  # the schema exists
+    if warm:
+        store.write([change("warm-up", "QUEUED", 0, name="t")])  # the schema exists
     return store
 
 
 def _loop_write(store: SqlStore) -> LoopWrite:
-    where = conninfo_of(store)
-    assert where is not None
-    loop_write = LoopWrite(*where)
+    loop_write = loop_write_for(store)
+    assert loop_write is not None
     loop_write.connect()
     return loop_write
 
@@ -116,10 +116,10 @@ def test_a_batch_postgresql_refuses_raises_and_writes_none_of_it(pg_url: str) ->
 
 
 def test_a_store_the_loop_cannot_write_has_no_loop_connection(tmp_path: Any) -> None:
-    assert conninfo_of(store_for_url(f"sqlite:///{tmp_path / 'r.db'}")) is None
-    assert conninfo_of(store_for_url(f"memory://{uuid.uuid4().hex}")) is None
+    assert loop_write_for(store_for_url(f"sqlite:///{tmp_path / 'r.db'}")) is None
+    assert loop_write_for(store_for_url(f"memory://{uuid.uuid4().hex}")) is None
     pgbouncer = store_for_url("tq+postgresql://postgres@127.0.0.1:6432/test?tq_pgbouncer=1")
-    assert conninfo_of(pgbouncer) is None
+    assert loop_write_for(pgbouncer) is None
 
 
 def test_the_hand_over_writes_on_the_loops_connection_and_releases_acks_after_the_commit(pg_url: str) -> None:
@@ -128,7 +128,7 @@ def test_the_hand_over_writes_on_the_loops_connection_and_releases_acks_after_th
     from celery_tq.worker.handoff import Handoff
     from tests.unit.test_handoff import Loop
 
-    store = _store(pg_url)
+    store = _store(pg_url, warm=False)  # a new registry: its tables are created first
     handoff, loop = Handoff(store, retry_for=5.0), Loop()
     handoff.start(loop)
     try:
