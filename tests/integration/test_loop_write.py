@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import select
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,6 +39,16 @@ def _loop_write(store: SqlStore) -> LoopWrite:
     return loop_write
 
 
+@pytest.fixture
+def connected(pg_url: str) -> Iterator[tuple[SqlStore, LoopWrite]]:
+    """A registry with its tables, and a loop connection to it."""
+    store = _store(pg_url)
+    loop_write = _loop_write(store)
+    yield store, loop_write
+    loop_write.close()
+    store.close()
+
+
 def _finish(loop_write: LoopWrite, timeout: float = 10.0) -> bool:
     while not loop_write.poll():
         assert select.select([loop_write.fileno()], [], [], timeout)[0], "no answer from PostgreSQL"
@@ -56,63 +67,50 @@ def _rows(n: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("tasks", [1, 3, 40])
-def test_what_the_loop_writes_reads_back_as_the_stores_own_write_leaves_it(pg_url: str, tasks: int) -> None:
-    store = _store(pg_url)
-    loop_write = _loop_write(store)
-    try:
-        rows = _rows(tasks)
-        loop_write.send(rows)
-        assert _finish(loop_write)
-        twin = [{**r, "id": r["id"] + "-twin"} for r in rows]
-        store.write(twin)
-        ids = list(dict.fromkeys(r["id"] for r in rows))
-        got = store.read(ids)
-        want = store.read([i + "-twin" for i in ids])
-        for mine, theirs in zip(got, want, strict=True):
-            assert mine is not None and theirs is not None
-            assert mine["state"] == "SUCCESS" and mine["name"] == ODD and mine["tags"] == theirs["tags"]
-            assert {k: v for k, v in mine.items() if k != "id"} == {
-                k: v for k, v in theirs.items() if k != "id"
-            }
-        tagged = Registry(store).query(tags=[ODD], state="SUCCESS", limit=1000)  # the tag rows too
-        assert sorted(r.id for r in tagged) == sorted(ids + [i + "-twin" for i in ids])
-    finally:
-        loop_write.close()
-        store.close()
+def test_what_the_loop_writes_reads_back_as_the_stores_own_write_leaves_it(
+    connected: tuple[SqlStore, LoopWrite], tasks: int
+) -> None:
+    store, loop_write = connected
+    rows = _rows(tasks)
+    loop_write.send(rows)
+    assert _finish(loop_write)
+    twin = [{**r, "id": r["id"] + "-twin"} for r in rows]
+    store.write(twin)
+    ids = list(dict.fromkeys(r["id"] for r in rows))
+    got = store.read(ids)
+    want = store.read([i + "-twin" for i in ids])
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine is not None and theirs is not None
+        assert mine["state"] == "SUCCESS" and mine["name"] == ODD and mine["tags"] == theirs["tags"]
+        assert {k: v for k, v in mine.items() if k != "id"} == {k: v for k, v in theirs.items() if k != "id"}
+    tagged = Registry(store).query(tags=[ODD], state="SUCCESS", limit=1000)  # the tag rows too
+    assert sorted(r.id for r in tagged) == sorted(ids + [i + "-twin" for i in ids])
 
 
-def test_a_value_libpq_cannot_send_as_text_is_refused_before_anything_is_sent(pg_url: str) -> None:
-    store = _store(pg_url)
-    loop_write = _loop_write(store)
-    try:
-        with pytest.raises(NotSent, match="NUL"):
-            loop_write.send([change("nul", "SUCCESS", 0, result="a\0b", meta="{}")])
-        loop_write.send([change("after-nul", "SUCCESS", 0, result="1", meta="{}")])  # still usable
-        assert _finish(loop_write)
-        assert store.read(["nul", "after-nul"])[0] is None
-    finally:
-        loop_write.close()
-        store.close()
+def test_a_value_libpq_cannot_send_as_text_is_refused_before_anything_is_sent(
+    connected: tuple[SqlStore, LoopWrite],
+) -> None:
+    store, loop_write = connected
+    with pytest.raises(NotSent, match="NUL"):
+        loop_write.send([change("nul", "SUCCESS", 0, result="a\0b", meta="{}")])
+    loop_write.send([change("after-nul", "SUCCESS", 0, result="1", meta="{}")])  # still usable
+    assert _finish(loop_write)
+    nul, after = store.read(["nul", "after-nul"])
+    assert nul is None and after is not None and after["state"] == "SUCCESS"
 
 
-def test_a_batch_postgresql_refuses_raises_and_writes_none_of_it(pg_url: str) -> None:
+def test_a_batch_postgresql_refuses_raises_and_writes_none_of_it(
+    connected: tuple[SqlStore, LoopWrite],
+) -> None:
     import psycopg
 
-    store = _store(pg_url)
-    loop_write = _loop_write(store)
-    try:
-        loop_write.send(
-            [
-                change("fine", "SUCCESS", 0, result="1", meta="{}"),
-                change("too-big", "SUCCESS", 0, priority=99999),
-            ]
-        )
-        with pytest.raises(psycopg.Error, match="smallint"):
-            _finish(loop_write)
-        assert store.read(["fine", "too-big"]) == [None, None]  # one statement: all or nothing
-    finally:
-        loop_write.close()
-        store.close()
+    store, loop_write = connected
+    loop_write.send(
+        [change("fine", "SUCCESS", 0, result="1", meta="{}"), change("too-big", "SUCCESS", 0, priority=99999)]
+    )
+    with pytest.raises(psycopg.Error, match="smallint"):
+        _finish(loop_write)
+    assert store.read(["fine", "too-big"]) == [None, None]  # one statement: all or nothing
 
 
 def test_a_store_the_loop_cannot_write_has_no_loop_connection(tmp_path: Any) -> None:
