@@ -239,6 +239,8 @@ class SqlStore:
                                 f"this celery-tq uses {SCHEMA_VERSION}"
                             )
                     self._ready = True
+                    if not self.is_sqlite:  # the pooled connection is for queries: not kept open
+                        self.engine.pool.dispose()  # in every process that only writes
                     return
                 except DBAPIError:  # another process creating the same tables
                     if attempt == 9:
