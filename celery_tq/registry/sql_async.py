@@ -15,6 +15,7 @@ Connecting is blocking (:meth:`LoopWrite.connect`): the caller does it off the l
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +34,7 @@ class NotSent(Exception):
 
 def _numbered(statement: str) -> str:
     """psycopg's ``%s`` placeholders as libpq's ``$1, $2, ...``."""
-    count = iter(range(1, 1_000_000))
+    count = itertools.count(1)
     return re.sub(r"%s", lambda _: f"${next(count)}", statement)
 
 

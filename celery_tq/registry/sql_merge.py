@@ -162,9 +162,10 @@ def task_upsert_params(rows: Sequence[Row]) -> list[Any]:
 def task_upsert_text(rows: Sequence[Row]) -> list[str | None]:
     """:func:`task_upsert_params` as the text libpq sends (no psycopg adaptation): a value per
     column for one row, for several one array literal per column (every element quoted)."""
+    params = task_upsert_params(rows)
     if len(rows) == 1:
-        return [_pg_text(rows[0].get(c)) for c in COLUMNS]
-    return [_array_literal([_pg_text(row.get(c)) for row in rows]) for c in COLUMNS]
+        return [_pg_text(value) for value in params]
+    return [_array_literal(column) for column in params]
 
 
 def _array_literal(values: Sequence[str | None]) -> str:

@@ -337,12 +337,12 @@ class Handoff:
         assert loop_write is not None
         deadline = time.monotonic() + timeout
         try:
+            poller = select.poll()  # (select.select cannot watch a descriptor past 1023)
+            poller.register(loop_write.fileno(), select.POLLIN)
             while not loop_write.poll():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("no answer from the store")
-                poller = select.poll()  # (select.select cannot watch a descriptor past 1023)
-                poller.register(loop_write.fileno(), select.POLLIN)
                 poller.poll(remaining * 1000)
         except Exception:
             self._unwatch()
