@@ -1,8 +1,10 @@
-"""Many workers, few PostgreSQL connections: the registry through PgBouncer in transaction mode.
+"""The PostgreSQL connections workers hold (README, "PostgreSQL connections").
 
-A private ``pgbouncer`` (Debian's package) on a free port pools every store connection of three
-``celery worker -c 4`` processes (15 processes, one store connection each) into at most
-``POOL`` server connections; every task still ends with its record and result.
+Directly: a ``celery worker -P prefork -c 2`` with the production preset holds c + 2, counted in
+``pg_stat_activity`` by an ``application_name`` of the test's own. Through PgBouncer in
+transaction mode: a private ``pgbouncer`` (Debian's package) on a free port pools every store
+connection of three ``celery worker -c 4`` processes (15 processes, one store connection each)
+into at most ``POOL`` server connections; every task still ends with its record and result.
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +28,7 @@ from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
 from tests.conftest import REQUIRE_SERVICES, service_missing
 from tests.ports import free_port
-from tests.registry_support import pg_url
+from tests.registry_support import PG_DSN, pg_url
 
 __all__ = ["pg_url"]
 
@@ -100,6 +106,50 @@ def pgbouncer(pg_url: str) -> Iterator[int]:
     shutil.rmtree(conf_dir, ignore_errors=True)
 
 
+@contextmanager
+def _app(tmp_path: Path, broker: str, backend: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """The test app, imported here, and the environment its workers need."""
+    (tmp_path / "bouncedapp.py").write_text(APP)
+    env = {"PB_BROKER": broker, "PB_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+    os.environ.update(PB_BROKER=broker, PB_BACKEND=backend)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import bouncedapp  # type: ignore[import-not-found]
+
+        yield bouncedapp.app, env
+        bouncedapp.app.close()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("bouncedapp", None)
+
+
+def _connections(name: str) -> int:
+    import psycopg
+
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        row = conn.execute(query, (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_worker_of_concurrency_c_holds_c_plus_two_connections(
+    pg_url: str, redis_dbs: tuple[str, str], tmp_path: Path
+) -> None:
+    name = f"tqconn{uuid.uuid4().hex[:8]}"
+    broker = redis_dbs[0].replace("redis://", "tq+redis://")
+    with (
+        _app(tmp_path, broker, f"tq+{pg_url}&application_name={name}") as (app, env),
+        WorkerProcess("bouncedapp", concurrency=2, env=env, cwd=tmp_path),
+    ):
+        results = [app.tasks["pb.double"].delay(i) for i in range(40)]  # a backlog: handed over
+        assert [r.get(timeout=60) for r in results] == [2 * i for i in range(40)]
+        client = 2  # this process: its store connection and its get() listener
+        # each pool process: its store connection; the main process: the store's and the
+        # hand-over's event-loop connection (the pooled one that created the tables is closed)
+        held = _connections(name) - client
+        assert 2 <= held <= 2 + 2, held
+
+
 def _server_connections(port: int) -> int:
     import psycopg
 
@@ -114,16 +164,7 @@ def test_fifteen_worker_processes_share_three_server_connections_through_pgbounc
 ) -> None:
     backend = f"tq+postgresql://postgres@127.0.0.1:{pgbouncer}/test?tq_pgbouncer=1"
     broker = redis_dbs[0].replace("redis://", "tq+redis://")
-    (tmp_path / "bouncedapp.py").write_text(APP)
-    env = {"PB_BROKER": broker, "PB_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    import sys
-
-    os.environ.update(PB_BROKER=broker, PB_BACKEND=backend)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import bouncedapp  # type: ignore[import-not-found]
-
-        app = bouncedapp.app
+    with _app(tmp_path, broker, backend) as (app, env):
         workers = [
             WorkerProcess("bouncedapp", concurrency=4, env=env, cwd=tmp_path, hostname=f"pb{n}@%h").start()
             for n in range(3)
@@ -141,7 +182,3 @@ def test_fifteen_worker_processes_share_three_server_connections_through_pgbounc
         registry = Registry(store_for_url(backend))
         assert registry.counts() == {"SUCCESS": N_TASKS}
         assert 0 < most <= POOL  # 15 pool processes + 3 main processes + this client, 3 server connections
-        app.close()
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("bouncedapp", None)
