@@ -55,7 +55,7 @@ APP = textwrap.dedent(
     if os.environ["BENCH_TQ"] == "1":
         import celery_tq
         celery_tq.install(app, preset="production")
-        # the preset hands the pool's outcomes to the main process (SQL registries): off here
+        # the preset hands the pool's outcomes to the main process: off in the rows that say so
         if os.environ.get("BENCH_HAND_OVER") == "0":
             app.conf.tq_hand_over_outcomes = False
     else:
@@ -112,11 +112,27 @@ def configs(pg: str, vhost: str) -> list[Config]:
             "celery-tq: redis:// broker, tq+redis:// registry", broker, f"tq+{results}", True, plain_redis
         ),
         Config(
+            "celery-tq: redis:// broker, tq+redis:// registry, tq_hand_over_outcomes off",
+            broker,
+            f"tq+{results}",
+            True,
+            plain_redis,
+            hand_over=False,
+        ),
+        Config(
             "celery-tq: tq+redis:// broker, tq+redis:// registry",
             f"tq+{broker}",
             f"tq+{results}",
             True,
             plain_redis,
+        ),
+        Config(
+            "celery-tq: tq+redis:// broker, tq+redis:// registry, tq_hand_over_outcomes off",
+            f"tq+{broker}",
+            f"tq+{results}",
+            True,
+            plain_redis,
+            hand_over=False,
         ),
         Config(
             "celery-tq: tq+redis:// broker, tq+postgresql:// registry",

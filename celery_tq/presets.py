@@ -101,10 +101,11 @@ def production() -> Settings:
         **({"tq_registry_url": os.environ["TQ_REGISTRY_URL"]} if os.environ.get("TQ_REGISTRY_URL") else {}),
         "tq_result_expires": 7 * 24 * 3600,
         "tq_timeout_grace": 10.0,
-        # On a SQL registry, pool processes hand outcomes to the main process, which writes them
-        # in batches and acks after the commit (README, "The write path"): a commit costs more
-        # than the row. A cut-off host may then have run up to 3c + 1 tasks that run again elsewhere
-        # (c + 1 with it off).
+        # Pool processes hand outcomes to the main process, which writes them in batches (SQL
+        # registries, Redis) and acks once they are durable (README, "The write path"): a commit
+        # costs more than the row, and a pool process waiting for its write runs nothing. A
+        # cut-off host may then have run up to 3c + 1 tasks that run again elsewhere (c + 1 with
+        # it off).
         "tq_hand_over_outcomes": True,
     }
 

@@ -262,20 +262,34 @@ class RedisStore:
             with contextlib.suppress(Exception):
                 pubsub.close()
 
-    def _key(self, task_id: str) -> str:
+    @property
+    def batches_outcomes(self) -> bool:
+        """Whether a worker's main process can write its pool's outcomes on its event loop
+        (:mod:`celery_tq.registry.redis_async`: plain TCP, not TLS)."""
+        return self.client.connection_pool.connection_class is redis.Connection
+
+    merge_script = _MERGE
+
+    @property
+    def merge_sha(self) -> str:
+        """The SHA1 under which Redis knows the merge script (``EVALSHA``)."""
+        return str(self._merge.sha)
+
+    def key(self, task_id: str) -> str:
+        """The hash that holds ``task_id``'s record."""
         return f"{self.prefix}t:{task_id}"
 
     def write(self, changes: Sequence[Row]) -> None:
         folded = fold(changes)  # one script call per task: a short task's STARTED rides with its outcome
         if len(folded) == 1:  # one EVALSHA round trip
             (change,) = folded.values()
-            self._merge(keys=[self._key(change["id"])], args=self._args(change))
+            self._merge(keys=[self.key(change["id"])], args=self._args(change))
             return
         # EVALSHA in a plain pipeline: redis-py's script pipelines send SCRIPT EXISTS first each time
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for change in folded.values():
-                pipe.evalsha(self._merge.sha, 1, self._key(change["id"]), *self._args(change))
+                pipe.evalsha(self._merge.sha, 1, self.key(change["id"]), *self._args(change))
             try:
                 pipe.execute()
                 return
@@ -302,10 +316,14 @@ class RedisStore:
             self._channels,
         ]
 
+    def script_args(self, change: Row) -> list[bytes]:
+        """The merge script's arguments for ``change``, as they go on the wire."""
+        return [str(arg).encode() for arg in self._args(change)]
+
     def read(self, task_ids: Sequence[str]) -> list[Row | None]:
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
-            pipe.hgetall(self._key(task_id))
+            pipe.hgetall(self.key(task_id))
         return [_decode(raw) if raw else None for raw in pipe.execute()]
 
     def _index_keys(self, query: Query, state: str | None) -> list[str]:
@@ -377,7 +395,7 @@ class RedisStore:
         return {s: n for s, n in counted.items() if n}
 
     def delete(self, task_id: str) -> None:
-        self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id])
+        self._delete(keys=[self.key(task_id)], args=[self.prefix, task_id])
         if self._expected == task_id and self._wait_lock.acquire(blocking=False):  # forget(): nobody waits
             try:
                 if self._expected == task_id and self._pubsub is not None:
@@ -397,7 +415,7 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             for raw in ids:
                 task_id = raw.decode()
-                self._delete(keys=[self._key(task_id)], args=[self.prefix, task_id], client=pipe)
+                self._delete(keys=[self.key(task_id)], args=[self.prefix, task_id], client=pipe)
             pipe.execute()
             purged += len(ids)
 

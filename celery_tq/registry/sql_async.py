@@ -18,18 +18,18 @@ import contextlib
 import itertools
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from celery_tq.registry.loop_write import NotSent
 from celery_tq.registry.record import Row, fold
 from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL, task_upsert, task_upsert_text
 
-__all__ = ["LoopWrite", "NotSent", "loop_write_for"]
+if TYPE_CHECKING:
+    from celery_tq.registry.sql import SqlStore
+
+__all__ = ["LoopWrite", "NotSent", "sql_loop_write"]
 
 _ONE, _MANY = b"tq_loop_one", b"tq_loop_many"
-
-
-class NotSent(Exception):
-    """This batch cannot go this way (the caller writes it with the store's own write)."""
 
 
 def _numbered(statement: str) -> str:
@@ -85,24 +85,27 @@ class LoopWrite:
         self.close()
         self._conn, self._channel, self._busy = conn, channel.encode(), False
 
-    def send(self, rows: Sequence[Row]) -> None:
+    def encode(self, rows: Sequence[Row]) -> bytes | None:
+        return None  # the parameters are built from every row of the batch at once
+
+    def send(self, rows: Sequence[Row], encoded: Sequence[bytes] = ()) -> None:
         """Send the upsert of ``rows``; :meth:`poll` tells when it is done. ``NotSent`` when it
         cannot go this way (nothing was sent)."""
         if self._busy or not self.connected:
             raise NotSent("no idle connection")
         folded = fold(rows)
         ordered = [folded[i] for i in sorted(folded)]  # the store's lock order (SqlStore.write)
-        encoded: list[bytes | None] = []
+        params: list[bytes | None] = []
         for value in task_upsert_text(ordered):
             if value is None:
-                encoded.append(None)
+                params.append(None)
                 continue
             if "\0" in value:  # libpq sends text parameters as C strings
                 raise NotSent("a value holds a NUL character")
-            encoded.append(value.encode())
-        encoded.append(self._channel)
+            params.append(value.encode())
+        params.append(self._channel)
         try:
-            self._conn.pgconn.send_query_prepared(_ONE if len(ordered) == 1 else _MANY, encoded)
+            self._conn.pgconn.send_query_prepared(_ONE if len(ordered) == 1 else _MANY, params)
         except Exception as exc:
             self.close()
             raise NotSent(f"the connection failed ({exc})") from exc
@@ -138,13 +141,11 @@ class LoopWrite:
                 conn.close()
 
 
-def loop_write_for(store: Any) -> LoopWrite | None:
+def sql_loop_write(store: SqlStore) -> LoopWrite | None:
     """A loop connection for a PostgreSQL ``SqlStore`` (not connected yet); None for a store whose
     outcomes it cannot write (SQLite; PgBouncer in transaction mode, which has no prepared
     statements)."""
-    from celery_tq.registry.sql import SqlStore
-
-    if not isinstance(store, SqlStore) or store.is_sqlite or store.through_pgbouncer:
+    if store.is_sqlite or store.through_pgbouncer:
         return None
     from celery_tq.registry.sql_conn import pg_params
 

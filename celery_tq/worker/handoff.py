@@ -10,13 +10,16 @@ tells it, on a datagram socket of its own, up to which of its outcomes the store
 
 On a SQL registry (PostgreSQL, SQLite) a commit costs far more than the row it writes: an
 outcome committed alone costs PostgreSQL about four times the CPU of one in a batch of ten
-(``benchmarks/registry_batches.py``). So in a prefork worker with an event loop, a pool process
-does not write a late-acked task's outcome itself. It sends the outcome's rows (with whatever
-``STARTED``/``QUEUED`` it still buffers) to the main process over a local datagram socket and
-goes on with its next task. The main process writes everything that arrived while its previous
-write ran in one transaction (group commit: no lingering, so ``get()`` waits no longer), on
-PostgreSQL from its event loop (:class:`Handoff`), and acks each of those tasks' messages only
-once that transaction has committed. Invariant: a
+(``benchmarks/registry_batches.py``); on Redis a pool process that waits for its own write waits
+for a server that the worker's main process and the other pool processes keep busy. So in a
+prefork worker with an event loop, a pool process does not write a late-acked task's outcome
+itself. It sends the outcome's rows (with whatever ``STARTED``/``QUEUED`` it still buffers) to the
+main process over a local datagram socket and goes on with its next task. The main process writes
+everything that arrived while its previous write ran in one batch (group commit: no lingering, so
+``get()`` waits no longer), from its event loop (:class:`Handoff`): on PostgreSQL one transaction,
+on Redis one pipeline of the merge script's calls, which the pool processes encoded already
+(:mod:`celery_tq.registry.redis_async`); and it acks each of those tasks' messages only
+once that batch is durable. Invariant: a
 terminal record is durable before its message is acked. A kill -9 of a pool process loses
 nothing it handed over (the main process has it); a kill -9 of the worker loses only unacked
 work, which the broker redelivers.
@@ -58,8 +61,8 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from celery_tq.registry import Store
+from celery_tq.registry.loop_write import NotSent, loop_write_for
 from celery_tq.registry.record import Row
-from celery_tq.registry.sql_async import NotSent, loop_write_for
 from celery_tq.registry.writer import give_back, resolved, take_buffered, write_with_retry
 from celery_tq.settings import settings_for
 
@@ -102,25 +105,33 @@ _unable = 0  # the pid of a pool process that could not create its end
 
 
 class _Batch:
-    """Outcomes written together: their rows, their tasks (one entry per outcome), the pool
-    processes to tell."""
+    """Outcomes written together: their rows (pickled, one list per outcome) and what the loop
+    writer encoded of them in the pool process (or None), their tasks (one entry per outcome), the
+    pool processes to tell."""
 
-    def __init__(self, rows: list[Row], outcomes: list[str], replies: dict[str, int]) -> None:
-        self.rows, self.outcomes, self.replies = rows, outcomes, replies
+    def __init__(
+        self, parts: list[bytes], encoded: list[bytes | None], outcomes: list[str], replies: dict[str, int]
+    ) -> None:
+        self.parts, self.encoded, self.outcomes, self.replies = parts, encoded, outcomes, replies
         self.on_loop = False  # sent on the event loop's connection (else: the writer thread's)
         self.finished = False  # the writer thread is done with it
         self.completed = False  # its acks are released
+
+    @property
+    def rows(self) -> list[Row]:
+        return [row for part in self.parts for row in pickle.loads(part)]
 
 
 class Handoff:
     """The main process's end: receives outcomes, writes them in batches, releases their acks.
 
     Everything but the writer thread runs on the worker's event loop: the datagrams are read
-    there, and on PostgreSQL each batch is one prepared upsert sent and read there
-    (:class:`~celery_tq.registry.sql_async.LoopWrite`), one batch at a time, the next taking what
-    arrived meanwhile. The writer thread writes what the loop cannot (SQLite, PgBouncer, no
-    connection yet, a failed send or statement): the store's own write, retried while the store
-    is down, a refused record isolated; it (re)connects the loop's connection after.
+    there, and each batch is sent and read there by the store's loop writer
+    (:mod:`celery_tq.registry.loop_write`: on PostgreSQL one prepared upsert, on Redis a pipeline
+    of merge calls), one batch at a time, the next taking what arrived meanwhile. The writer
+    thread writes what the loop cannot (SQLite, PgBouncer, no connection yet, a failed send,
+    statement or script call): the store's own write, retried while the store is down, a refused
+    record isolated; it (re)connects the loop's connection after.
     """
 
     def __init__(self, store: Store, retry_for: float, max_extra: int = 1) -> None:
@@ -130,7 +141,8 @@ class Handoff:
         self._recv, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._recv.setblocking(False)
         self._send.settimeout(SEND_TIMEOUT)
-        self._queue: list[Row] = []  # received, not yet in a batch
+        self._queue: list[bytes] = []  # received, not yet in a batch: each outcome's rows, pickled
+        self._encoded: list[bytes | None] = []  # and what the loop writer encoded of them, if anything
         self._arrived: list[str] = []  # the tasks whose outcomes those rows carry, one per outcome
         self._replies: dict[str, int] = {}  # a pool process's address: the number of its latest outcome
         self._reply = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -140,7 +152,7 @@ class Handoff:
         self._batch: _Batch | None = None  # the batch being written
         self._hub: Any = None
         self._sync = False  # shutting down: the event loop may not run; acks wait in place
-        self._loop_write = loop_write_for(store)  # PostgreSQL: batches written on the event loop
+        self._loop_write = loop_write_for(store)  # PostgreSQL, Redis: batches written on the event loop
         self._watched = -1  # the loop connection's socket, while the event loop watches it
         self._jobs: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
         self._connect_after = 0.0  # the writer thread's next attempt at the loop's connection
@@ -152,6 +164,16 @@ class Handoff:
         self._qos: Any = None
 
     # -- a pool process -------------------------------------------------------------------
+    def datagram(
+        self, task_id: str, rows: Sequence[Row], address: str | None = None, number: int = 0
+    ) -> bytes:
+        """An outcome as a pool process sends it: ``task_id``'s ``rows`` (pickled apart, so that the
+        main process unpickles them only if it needs them), what the loop writer sends for them
+        (encoded here, in the pool process), and where to tell that outcome ``number`` is written."""
+        encoded = None if self._loop_write is None else self._loop_write.encode(rows)
+        pickled = pickle.dumps(list(rows), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((task_id, pickled, address, number, encoded), protocol=pickle.HIGHEST_PROTOCOL)
+
     def send(self, data: bytes) -> bool:
         try:
             self._send.send(data)
@@ -169,7 +191,7 @@ class Handoff:
             hub.call_repeatedly(SHRINK_EVERY, self._shrink)
             hub.add_reader(self._recv, self._on_datagrams)
             if self._loop_write is not None:  # connect off the loop
-                self._jobs.put(_Batch([], [], {}))
+                self._jobs.put(_Batch([], [], [], {}))
 
     def connected(self, qos: Any) -> None:
         """A (new) broker connection's prefetch count: held acks add to it from now on."""
@@ -225,20 +247,23 @@ class Handoff:
             except (BlockingIOError, InterruptedError):
                 return got
             try:
-                task_id, rows, address, number = pickle.loads(data)
+                task_id, rows, address, number, encoded = pickle.loads(data)
+                if not isinstance(rows, bytes) or not (encoded is None or isinstance(encoded, bytes)):
+                    raise TypeError(f"an outcome of {type(rows).__name__}, {type(encoded).__name__}")
             except Exception:
                 logger.exception("celery-tq: unreadable outcome from a pool process; dropped")
                 continue
             if isinstance(address, str) and isinstance(number, int):
                 self._replies[address] = max(number, self._replies.get(address, 0))
-            self._queue.extend(rows)
+            self._queue.append(rows)
+            self._encoded.append(encoded)
             self._arrived.append(task_id)
             self._unwritten[task_id] = self._unwritten.get(task_id, 0) + 1
             got = True
 
     def _take(self) -> _Batch:
-        batch = self._batch = _Batch(self._queue, self._arrived, self._replies)
-        self._queue, self._arrived, self._replies = [], [], {}
+        batch = self._batch = _Batch(self._queue, self._encoded, self._arrived, self._replies)
+        self._queue, self._encoded, self._arrived, self._replies = [], [], [], {}
         return batch
 
     def _next(self) -> None:
@@ -248,8 +273,10 @@ class Handoff:
         batch = self._take()
         loop_write = self._loop_write
         if loop_write is not None and self._watched >= 0:
+            encoded = [e for e in batch.encoded if e is not None]
+            complete = len(encoded) == len(batch.encoded)
             try:
-                loop_write.send(batch.rows)
+                loop_write.send(() if complete else batch.rows, encoded if complete else ())
             except NotSent as exc:
                 logger.debug("celery-tq: handed-over outcomes go to the writer thread (%s)", exc)
                 self._unwatch()
@@ -409,7 +436,7 @@ def hand_over(store: Store, row: Row, request: Any) -> bool:
     taken = take_buffered(store)
     rows: Sequence[Row] = resolved([*taken, row])
     number = child.number + 1
-    data = pickle.dumps((row["id"], list(rows), child.address, number), protocol=pickle.HIGHEST_PROTOCOL)
+    data = handoff.datagram(row["id"], rows, child.address, number)
     if len(data) <= MAX_DATAGRAM and handoff.send(data):
         child.number = number
         return True
@@ -538,7 +565,8 @@ class HandoffRequest(Request):
 
 
 class HandOutcomes(bootsteps.StartStopStep):
-    """Worker step: a prefork worker on a SQL registry writes its pool's outcomes in batches."""
+    """Worker step: a prefork worker writes its pool's outcomes in batches (SQL registries, and
+    Redis over plain TCP)."""
 
     requires = ("celery.worker.components:Pool",)
     label = "tq-hand-outcomes"
@@ -550,7 +578,7 @@ class HandOutcomes(bootsteps.StartStopStep):
     def include_if(self, w: Any) -> bool:
         if not settings_for(w.app).hand_over_outcomes:
             return False
-        store = _sql_store(w.app)
+        store = _batching_store(w.app)
         pool_cls = getattr(w, "pool_cls", None)
         return (
             store is not None
@@ -561,7 +589,7 @@ class HandOutcomes(bootsteps.StartStopStep):
 
     def create(self, w: Any) -> None:
         global _active
-        store = _sql_store(w.app)
+        store = _batching_store(w.app)
         assert store is not None  # include_if
         size = getattr(w, "max_concurrency", None) or getattr(w, "concurrency", None) or 1
         cap = HELD_PER_PROCESS * int(size)
@@ -597,7 +625,7 @@ class HandOutcomesPrefetch(bootsteps.StartStopStep):
             handoff.connected(getattr(c, "qos", None))
 
 
-def _sql_store(app: Any) -> Store | None:
+def _batching_store(app: Any) -> Store | None:
     from celery_tq.backend import TqBackend
 
     backend = app.backend

@@ -1,23 +1,26 @@
 """The event loop's PostgreSQL write (``registry/sql_async.py``) against a real PostgreSQL: what it
 writes is what the store's own write would (text parameters of every kind of value, one row and
 many), and what it cannot send or PostgreSQL refuses comes back to the caller, nothing half-done.
-The hand-over on a real loop connection: tests/unit/test_handoff.py's stand-in loop below, and
-real workers in tests/integration/test_outcome_handoff.py."""
+The hand-over on a real loop connection, PostgreSQL's and Redis's: tests/unit/test_handoff.py's
+stand-in loop below, and real workers in tests/integration/test_outcome_handoff.py (Redis's own
+loop write: tests/integration/test_redis_loop_write.py)."""
 
 from __future__ import annotations
 
 import select
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from celery_tq.registry import Registry, store_for_url
+from celery_tq.registry.loop_write import NotSent, loop_write_for
 from celery_tq.registry.record import change
 from celery_tq.registry.sql import SqlStore
-from celery_tq.registry.sql_async import LoopWrite, NotSent, loop_write_for
-from tests.registry_support import pg_url
+from celery_tq.registry.sql_async import LoopWrite
+from tests.registry_support import pg_url, store_url
 
 __all__ = ["pg_url"]
 
@@ -120,13 +123,15 @@ def test_a_store_the_loop_cannot_write_has_no_loop_connection(tmp_path: Any) -> 
     assert loop_write_for(pgbouncer) is None
 
 
-def test_the_hand_over_writes_on_the_loops_connection_and_releases_acks_after_the_commit(pg_url: str) -> None:
-    import pickle
-
+@pytest.mark.parametrize("kind", ["postgresql", "redis"])
+def test_the_hand_over_writes_on_the_loops_connection_and_releases_acks_after_the_commit(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     from celery_tq.worker.handoff import Handoff
     from tests.unit.test_handoff import Loop
 
-    store = _store(pg_url, warm=False)  # a new registry: its tables are created first
+    # a new registry: on PostgreSQL its tables are created first
+    store = store_for_url(f"tq+{store_url(kind, request, tmp_path)}")
     handoff, loop = Handoff(store, retry_for=5.0), Loop()
     handoff.start(loop)
     try:
@@ -135,29 +140,33 @@ def test_the_hand_over_writes_on_the_loops_connection_and_releases_acks_after_th
         loop_write = handoff._loop_write
         assert loop_write is not None
         send = loop_write.send
-        loop_write.send = lambda rows: (sent.append(len(rows)), send(rows))[1]  # type: ignore[method-assign]
+        loop_write.send = lambda rows, encoded: (sent.append(len(encoded) or len(rows)), send(rows, encoded))[
+            1
+        ]  # type: ignore[method-assign]
         acked: list[str] = []
         for i in range(30):
             rows = [
                 change(f"h{i}", "STARTED", 0, name="t"),
                 change(f"h{i}", "SUCCESS", 0, result="1", meta="{}"),
             ]
-            assert handoff.send(pickle.dumps((f"h{i}", rows, None, None)))
+            assert handoff.send(handoff.datagram(f"h{i}", rows))
             assert handoff.hold(f"h{i}", lambda i=i: acked.append(f"h{i}"))  # type: ignore[misc]
             assert f"h{i}" not in acked  # not before its commit
         loop.run(lambda: len(acked) == 30, timeout=10)
-        assert sum(sent) == 60 and len(sent) < 30  # batched, all on the loop's connection
+        # batched, all on the loop's connection (Redis: each outcome's calls encoded by its sender)
+        assert sum(sent) == (60 if kind == "postgresql" else 30) and len(sent) < 30
         assert [
             r is not None and r["state"] == "SUCCESS" for r in store.read([f"h{i}" for i in range(30)])
         ] == [True] * 30
         # the connection lost: the batch goes to the writer thread, the acks still follow the write
         loop_write.close()
         rows = [change("after", "SUCCESS", 0, result="1", meta="{}")]
-        assert handoff.send(pickle.dumps(("after", rows, None, None)))
+        assert handoff.send(handoff.datagram("after", rows))
         assert handoff.hold("after", lambda: acked.append("after"))
         loop.run(lambda: "after" in acked, timeout=10)
         assert store.read(["after"])[0] is not None
         loop.run(lambda: handoff._watched >= 0 and loop_write.connected, timeout=10)  # reconnected
     finally:
         handoff.stop()
-        store.close()
+        if isinstance(store, SqlStore):
+            store.close()

@@ -1,9 +1,9 @@
 """Pool processes hand outcomes to the worker's main process; acks wait until they are durable.
 
 Real ``celery worker -P prefork -c 2`` processes, production preset, ``tq+redis://`` broker, the
-registry on PostgreSQL (where the hand-over is on), reached by the worker through a TCP proxy
-the test cuts. Tasks use Celery's own task class (``@app.task``), so Celery's request class
-is the one that waits.
+registry on PostgreSQL and on Redis (each written from the main process's event loop), reached by
+the worker through a TCP proxy the test cuts. Tasks use Celery's own task class (``@app.task``),
+so Celery's request class is the one that waits.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 
 from celery_tq.registry import Registry, store_for_url
+from celery_tq.registry.redis_async import CLIENT_NAME
 from celery_tq.testing import WorkerProcess
 from celery_tq.worker.handoff import UNRECORDED
-from tests.registry_support import pg_url
+from tests.registry_support import pg_url, store_url
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_for
 
@@ -59,10 +62,11 @@ APP = textwrap.dedent(
 Hand = tuple[object, Registry, dict[str, str], str]  # app, registry, worker env, store URL
 
 
-@pytest.fixture
-def hand(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterator[Hand]:
+@pytest.fixture(params=["postgresql", "redis"])
+def hand(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hand]:
     broker = request.getfixturevalue("redis_dbs")[0].replace("redis://", "tq+redis://")
-    backend = f"tq+{pg_url}"
+    url = store_url(request.param, request, tmp_path)
+    backend = f"tq+{url}"
     (tmp_path / "handapp.py").write_text(APP)
     env = {"HAND_BROKER": broker, "HAND_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
     os.environ.update(HAND_BROKER=broker, HAND_BACKEND=backend)
@@ -70,7 +74,7 @@ def hand(request: pytest.FixtureRequest, tmp_path: Path, pg_url: str) -> Iterato
     sys.modules.pop("handapp", None)
     import handapp  # type: ignore[import-not-found]
 
-    yield handapp.app, Registry(store_for_url(backend)), env, pg_url
+    yield handapp.app, Registry(store_for_url(backend)), env, url
     handapp.app.close()
     sys.path.remove(str(tmp_path))
     sys.modules.pop("handapp", None)
@@ -90,8 +94,10 @@ def test_a_task_whose_record_cannot_be_written_is_not_acked_and_runs_again_after
 ) -> None:
     app, registry, env, url = hand
     work = app.tasks["hand.work"]  # type: ignore[attr-defined]
-    with TcpProxy(5432) as proxy:
-        proxied = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    port = urlsplit(url).port
+    assert port is not None
+    with TcpProxy(port) as proxy:
+        proxied = url.replace(f":{port}/", f":{proxy.port}/")
         first = WorkerProcess(
             "handapp", concurrency=2, env={**env, "HAND_BACKEND": f"tq+{proxied}"}, cwd=tmp_path
         )
@@ -122,12 +128,17 @@ def test_a_task_whose_record_cannot_be_written_is_not_acked_and_runs_again_after
 
 
 def test_a_warm_shutdown_writes_and_acks_what_its_pool_finished(hand: Hand, tmp_path: Path) -> None:
-    app, registry, env, _ = hand
+    app, registry, env, url = hand
     work = app.tasks["hand.work"]  # type: ignore[attr-defined]
     ids = [work.delay(i, 0.02).id for i in range(200)]
     first = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
     assert first.process is not None
     wait_for(lambda: registry.counts().get("SUCCESS", 0) >= 50, 60, "50 tasks done")
+    if url.startswith("redis://"):  # the main process writes on a connection of its own
+        client = redis.Redis.from_url(url)
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        assert any(c["name"] == CLIENT_NAME and int(c["db"]) == db for c in client.client_list())
+        client.close()
     os.kill(first.process.pid, signal.SIGTERM)  # warm shutdown: the pool finishes its tasks
     first.process.wait(60)
     first.stop()  # its log closed; nothing left to stop

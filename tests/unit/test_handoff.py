@@ -6,7 +6,6 @@ tests/integration/test_outcome_handoff.py.)"""
 from __future__ import annotations
 
 import logging
-import pickle
 import select
 import threading
 import time
@@ -97,7 +96,7 @@ def outcome(task_id: str, state: str = "SUCCESS") -> dict[str, Any]:
 
 
 def send(handoff: Handoff, task_id: str, *rows: dict[str, Any]) -> None:
-    assert handoff.send(pickle.dumps((task_id, list(rows) or [outcome(task_id)], None, None)))
+    assert handoff.send(handoff.datagram(task_id, list(rows) or [outcome(task_id)]))
 
 
 def test_an_ack_is_held_until_the_outcome_is_written_then_released(
