@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -24,13 +23,13 @@ from celery_tq.registry import Registry, store_for_url
 from celery_tq.registry.redis_async import CLIENT_NAME
 from celery_tq.testing import WorkerProcess
 from celery_tq.worker.handoff import UNRECORDED
+from tests.app_module import app_module
 from tests.registry_support import pg_url, store_url
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_for
 
 __all__ = ["pg_url"]
 
-ROOT = Path(__file__).parents[2]
 
 APP = textwrap.dedent(
     """
@@ -67,17 +66,9 @@ def hand(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hand]:
     broker = request.getfixturevalue("redis_dbs")[0].replace("redis://", "tq+redis://")
     url = store_url(request.param, request, tmp_path)
     backend = f"tq+{url}"
-    (tmp_path / "handapp.py").write_text(APP)
-    env = {"HAND_BROKER": broker, "HAND_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    os.environ.update(HAND_BROKER=broker, HAND_BACKEND=backend)
-    sys.path.insert(0, str(tmp_path))
-    sys.modules.pop("handapp", None)
-    import handapp  # type: ignore[import-not-found]
-
-    yield handapp.app, Registry(store_for_url(backend)), env, url
-    handapp.app.close()
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("handapp", None)
+    env = {"HAND_BROKER": broker, "HAND_BACKEND": backend}
+    with app_module(tmp_path, "handapp", APP, env) as (app, worker_env):
+        yield app, Registry(store_for_url(backend)), worker_env, url
 
 
 def _states(registry: Registry, ids: list[str]) -> dict[str, int]:

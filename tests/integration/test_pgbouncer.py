@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,13 @@ import pytest
 
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
+from tests.app_module import app_module
 from tests.conftest import REQUIRE_SERVICES, service_missing
 from tests.ports import free_port
 from tests.registry_support import PG_DSN, pg_url
 
 __all__ = ["pg_url"]
 
-ROOT = Path(__file__).parents[2]
 POOL = 3
 N_TASKS = 300
 
@@ -106,21 +105,9 @@ def pgbouncer(pg_url: str) -> Iterator[int]:
     shutil.rmtree(conf_dir, ignore_errors=True)
 
 
-@contextmanager
-def _app(tmp_path: Path, broker: str, backend: str) -> Iterator[tuple[Any, dict[str, str]]]:
+def _app(tmp_path: Path, broker: str, backend: str) -> AbstractContextManager[tuple[Any, dict[str, str]]]:
     """The test app, imported here, and the environment its workers need."""
-    (tmp_path / "bouncedapp.py").write_text(APP)
-    env = {"PB_BROKER": broker, "PB_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    os.environ.update(PB_BROKER=broker, PB_BACKEND=backend)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import bouncedapp  # type: ignore[import-not-found]
-
-        yield bouncedapp.app, env
-        bouncedapp.app.close()
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("bouncedapp", None)
+    return app_module(tmp_path, "bouncedapp", APP, {"PB_BROKER": broker, "PB_BACKEND": backend})
 
 
 def _connections(name: str) -> int:

@@ -19,12 +19,12 @@ import pytest
 
 from celery_tq.registry import Registry, store_for_url
 from celery_tq.testing import WorkerProcess
+from tests.app_module import app_module
 from tests.processes import children
 from tests.registry_support import pg_url, store_url
 
 __all__ = ["pg_url"]
 
-ROOT = Path(__file__).parents[2]
 N_TASKS = 300
 
 APP = textwrap.dedent(
@@ -67,19 +67,9 @@ def durable(
 ) -> Iterator[tuple[object, Registry, dict[str, str]]]:
     broker = request.getfixturevalue("redis_dbs")[0].replace("redis://", "tq+redis://")
     backend = "tq+" + store_url(request.param, request, tmp_path)
-    (tmp_path / "durapp.py").write_text(APP)
-    env = {"DUR_BROKER": broker, "DUR_BACKEND": backend, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    os.environ.update(DUR_BROKER=broker, DUR_BACKEND=backend)
-    import sys
-
-    sys.path.insert(0, str(tmp_path))
-    sys.modules.pop("durapp", None)
-    import durapp  # type: ignore[import-not-found]
-
-    yield durapp.app, Registry(store_for_url(backend)), env
-    durapp.app.close()
-    sys.path.remove(str(tmp_path))
-    sys.modules.pop("durapp", None)
+    env = {"DUR_BROKER": broker, "DUR_BACKEND": backend}
+    with app_module(tmp_path, "durapp", APP, env) as (app, worker_env):
+        yield app, Registry(store_for_url(backend)), worker_env
 
 
 def _wait_all_done(registry: Registry, ids: list[str], timeout: float) -> dict[str, object]:
