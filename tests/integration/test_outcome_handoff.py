@@ -129,16 +129,18 @@ def test_a_warm_shutdown_writes_and_acks_what_its_pool_finished(hand: Hand, tmp_
     work = app.tasks["hand.work"]  # type: ignore[attr-defined]
     ids = [work.delay(i, 0.02).id for i in range(200)]
     first = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
-    assert first.process is not None
-    wait_for(lambda: registry.counts().get("SUCCESS", 0) >= 50, 60, "50 tasks done")
-    if url.startswith("redis://"):  # the main process writes on a connection of its own
-        client = redis.Redis.from_url(url)
-        db = client.connection_pool.connection_kwargs.get("db", 0)
-        assert any(c["name"] == CLIENT_NAME and int(c["db"]) == db for c in client.client_list())
-        client.close()
-    os.kill(first.process.pid, signal.SIGTERM)  # warm shutdown: the pool finishes its tasks
-    first.process.wait(60)
-    first.stop()  # its log closed; nothing left to stop
+    try:
+        assert first.process is not None
+        wait_for(lambda: registry.counts().get("SUCCESS", 0) >= 50, 60, "50 tasks done")
+        if url.startswith("redis://"):  # the main process writes on a connection of its own
+            client = redis.Redis.from_url(url)
+            db = client.connection_pool.connection_kwargs.get("db", 0)
+            assert any(c["name"] == CLIENT_NAME and int(c["db"]) == db for c in client.client_list())
+            client.close()
+        os.kill(first.process.pid, signal.SIGTERM)  # warm shutdown: the pool finishes its tasks
+        first.process.wait(60)
+    finally:
+        first.stop()  # its log closed; and a failed wait above leaves no worker consuming
     done_then = registry.counts().get("SUCCESS", 0)
     second = WorkerProcess("handapp", concurrency=2, env=env, cwd=tmp_path).start()
     try:
