@@ -33,7 +33,8 @@ second after they were released, up to that many more may.
 
 While the store is down the acks wait, and each pool process stops before its next task; after
 ``tq_store_retry_timeout`` the batch is given up with an error naming it, as a pool process's own
-write would be, and its tasks are acked. Outcomes too large for one datagram (``MAX_DATAGRAM``),
+write would be, and its tasks are acked. Outcomes too large for one datagram (``MAX_DATAGRAM``;
+on Redis a datagram carries an outcome twice, as rows and as encoded script calls),
 tasks with callbacks, chains or chords (their next step reads or follows the record), early-acked
 tasks and tasks whose request class is not celery-tq's keep the pool
 process's own write; so does a task that reaches a worker holding no other task: there is no
@@ -44,6 +45,7 @@ batch to join, and the hop to the main process would only lengthen its round tri
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -117,8 +119,8 @@ class _Batch:
         self.finished = False  # the writer thread is done with it
         self.completed = False  # its acks are released
 
-    @property
-    def rows(self) -> list[Row]:
+    @functools.cached_property
+    def rows(self) -> list[Row]:  # (once: the loop's send and the writer thread may both need them)
         return [row for part in self.parts for row in pickle.loads(part)]
 
 
