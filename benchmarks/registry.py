@@ -4,8 +4,9 @@ Throughput: N no-op tasks are queued, then drained by one ``celery worker -P pre
 time runs from the worker's start until every task's result is stored. Plain Celery runs with
 prefetch 1 and late ack (what priorities need) and Celery's own redis result backend; celery-tq
 runs its production preset (events, priority, metadata, STARTED records), with the broker and
-store named in the row; rows ending in ``tq_hand_over_outcomes off`` turn off the preset's
-hand-over of outcomes (README, "The write path"). Configurations alternate within each round;
+store named in the row; a row ending in ``<setting> off`` turns that setting off (README, "The
+write path": ``tq_hand_over_outcomes``, the hand-over of outcomes; ``tq_pipeline_redis_acks``,
+acks on the stock Redis transport that do not wait for Redis). Configurations alternate within each round;
 each ratio is the median over the rounds of (celery-tq / its plain baseline in the same round).
 How far plain Celery's rounds lie apart is printed too: a busy machine slows plain Celery more
 than celery-tq, so the ratios of a noisy run flatter celery-tq (docs/benchmarks.md, Registry).
@@ -17,7 +18,7 @@ and the publish hook differ from plain Celery) and on ``tq+redis://``, which the
 uses on Redis.
 
 Usage: python benchmarks/registry.py [--tasks 3000] [--rounds 3] [--calls 500] [--trips 200]
-       [--latency-only] [--redis-db 14]
+       [--latency-only] [--redis-db 14] [--only WORD ...]
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ APP = textwrap.dedent(
     if os.environ["BENCH_TQ"] == "1":
         import celery_tq
         celery_tq.install(app, preset="production")
-        # the preset hands the pool's outcomes to the main process: off in the rows that say so
-        if os.environ.get("BENCH_HAND_OVER") == "0":
-            app.conf.tq_hand_over_outcomes = False
+        # the rows ending in "<setting> off" turn that setting of the preset off
+        if os.environ.get("BENCH_OFF"):
+            app.conf[os.environ["BENCH_OFF"]] = False
     else:
         app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True)
     app.conf.update(
@@ -86,10 +87,10 @@ class Config:
         tq: bool,
         baseline: str,
         queue: str = "",
-        hand_over: bool = True,
+        off: str = "",
     ) -> None:
         self.label, self.broker, self.backend, self.tq, self.baseline = label, broker, backend, tq, baseline
-        self.queue, self.hand_over = queue, hand_over
+        self.queue, self.off = queue, off
 
     def env(self) -> dict[str, str]:
         return {
@@ -97,7 +98,7 @@ class Config:
             "BENCH_BACKEND": self.backend,
             "BENCH_TQ": "1" if self.tq else "0",
             "BENCH_QUEUE": self.queue,
-            "BENCH_HAND_OVER": "" if self.hand_over else "0",
+            "BENCH_OFF": self.off,
         }
 
 
@@ -117,7 +118,15 @@ def configs(pg: str, vhost: str) -> list[Config]:
             f"tq+{results}",
             True,
             plain_redis,
-            hand_over=False,
+            off="tq_hand_over_outcomes",
+        ),
+        Config(
+            "celery-tq: redis:// broker, tq+redis:// registry, tq_pipeline_redis_acks off",
+            broker,
+            f"tq+{results}",
+            True,
+            plain_redis,
+            off="tq_pipeline_redis_acks",
         ),
         Config(
             "celery-tq: tq+redis:// broker, tq+redis:// registry",
@@ -132,7 +141,7 @@ def configs(pg: str, vhost: str) -> list[Config]:
             f"tq+{results}",
             True,
             plain_redis,
-            hand_over=False,
+            off="tq_hand_over_outcomes",
         ),
         Config(
             "celery-tq: tq+redis:// broker, tq+postgresql:// registry",
@@ -147,7 +156,7 @@ def configs(pg: str, vhost: str) -> list[Config]:
             f"tq+{pg}",
             True,
             plain_redis,
-            hand_over=False,
+            off="tq_hand_over_outcomes",
         ),
         Config(plain_amqp, amqp, results, False, plain_amqp),
         Config("celery-tq: RabbitMQ broker, tq+postgresql:// registry", amqp, f"tq+{pg}", True, plain_amqp),
@@ -157,7 +166,7 @@ def configs(pg: str, vhost: str) -> list[Config]:
             f"tq+{pg}",
             True,
             plain_amqp,
-            hand_over=False,
+            off="tq_hand_over_outcomes",
         ),
     ]
 
@@ -308,6 +317,12 @@ def main() -> None:
     parser.add_argument("--trips", type=int, default=200)
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput rounds")
     parser.add_argument("--redis-db", type=int, default=14, help="Redis dbs N (broker) and N+1")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        help="throughput rows whose label has one of these (and their baselines)",
+    )
     args = parser.parse_args()
     BROKER_DB, RESULT_DB = args.redis_db, args.redis_db + 1
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv), flush=True)
@@ -321,6 +336,9 @@ def main() -> None:
     sys.path.insert(0, str(workdir))
     try:
         rows = configs(pg, vhost)
+        if args.only:
+            chosen = [c for c in rows if any(word in c.label for word in args.only)]
+            rows = [c for c in rows if c in chosen or any(c.label == d.baseline for d in chosen)]
         rates: dict[str, list[float]] = {c.label: [] for c in rows}
         ratios: dict[str, list[float]] = {c.label: [] for c in rows}
         for round_no in range(0 if args.latency_only else args.rounds):

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "tq_store_retry_timeout": 60.0,
     "tq_result_poll_interval": 0.02,
     "tq_hand_over_outcomes": False,
+    "tq_pipeline_redis_acks": True,
     "tq_metric_tags": (),
 }
 
@@ -92,6 +93,7 @@ class TqSettings:
     store_retry_timeout: float
     result_poll_interval: float
     hand_over_outcomes: bool
+    pipeline_redis_acks: bool
     metric_tags: frozenset[str]
 
     @classmethod
@@ -119,7 +121,7 @@ class TqSettings:
         values["worker_lost_retries"] = _count("worker_lost_retries", values["worker_lost_retries"])
         if values["worker_lost_delay"] > values["worker_lost_delay_max"]:
             raise ConfigurationError("tq_worker_lost_delay must be <= tq_worker_lost_delay_max")
-        for name in ("pause_unwatched_events", "allow_pickle", "hand_over_outcomes"):
+        for name in ("pause_unwatched_events", "allow_pickle", "hand_over_outcomes", "pipeline_redis_acks"):
             if not isinstance(values[name], bool):
                 raise ConfigurationError(f"tq_{name} must be True or False, not {values[name]!r}")
         url = values["registry_url"]

@@ -27,6 +27,7 @@ from celery_tq.worker.events import BatchedEvents
 from celery_tq.worker.guard import RefuseUnsafeConfig
 from celery_tq.worker.handoff import HandOutcomes, HandOutcomesPrefetch
 from celery_tq.worker.prefetch import ReserveExtra
+from celery_tq.worker.redis_acks import PipelinedRedisAcks
 from celery_tq.worker.refused import RecordRefusedMessages
 from celery_tq.worker.request import WatchPoolProcesses
 from celery_tq.worker.watched_events import WatchedEvents
@@ -179,6 +180,7 @@ def install(app: Celery, preset: str | dict[str, Any] | None = "development") ->
     app.steps["consumer"].add(HandOutcomesPrefetch)
     app.steps["consumer"].add(WatchedEvents)
     app.steps["consumer"].add(RecordRefusedMessages)
+    app.steps["consumer"].add(PipelinedRedisAcks)
     app.steps["worker"].add(WatchPoolProcesses)
     app.steps["worker"].add(HandOutcomes)
     app.steps["worker"].add(RefuseUnsafeConfig)

@@ -314,6 +314,15 @@ def test_settings_have_documented_defaults() -> None:
     assert settings.max_priority >= 9
     assert settings.registry_url is None
     assert settings.prefetch_extra == 1
+    assert settings.pipeline_redis_acks is True
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_pipeline_redis_acks_must_be_a_bool(value: Any) -> None:
+    app = Celery("t")
+    app.conf.update(tq_pipeline_redis_acks=value)
+    with pytest.raises(ConfigurationError, match="tq_pipeline_redis_acks must be True or False"):
+        TqSettings.from_app(app)
 
 
 def test_settings_read_the_tq_keys_of_the_app() -> None:

@@ -29,6 +29,8 @@ class CardExpired(Exception):
 def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     app = Celery("tqshop", set_as_current=False)
     tq = celery_tq.install(app, preset="development")
+    if os.environ.get("TQSHOP_CONF"):  # settings of one test, as JSON
+        conf = {**json.loads(os.environ["TQSHOP_CONF"]), **conf}
     if os.environ.get("TQSHOP_STORE_RETRY"):
         conf.setdefault("tq_store_retry_timeout", float(os.environ["TQSHOP_STORE_RETRY"]))
     app.conf.update(broker_url=broker_url, result_backend=result_backend, **conf)
