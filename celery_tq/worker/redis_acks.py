@@ -95,8 +95,7 @@ class RedisAcks:
 
     def ack(self, delivery_tag: str) -> None:
         """``QoS.ack``: send the removal and go on (kombu's own ack off the loop or unconnected)."""
-        conn = self.conn
-        if threading.get_ident() != self.loop_thread or (conn is None and not self._connect()):
+        if threading.get_ident() != self.loop_thread or (self.conn is None and not self._connect()):
             self.kombu_ack(delivery_tag)
             return
         conn = self.conn

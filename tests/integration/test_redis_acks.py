@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from celery.result import AsyncResult
 
+from celery_tq.recovery.scan import task_ids
 from celery_tq.worker.redis_acks import CLIENT_NAME
 from tests.integration.conftest import Shop
 from tests.waiting import wait_for
@@ -59,20 +59,6 @@ def _send(shop: Shop, prefix: str, n: int, seconds: float = 0.0) -> list[AsyncRe
 
 def _all_done(results: list[AsyncResult]) -> bool:
     return all(r.ready() for r in results)
-
-
-def _in_broker(shop: Shop) -> set[str]:
-    """The task ids of every message in the broker: its queues (each priority's list) and kombu's
-    ``unacked`` hash."""
-    client = _broker(shop)
-    try:
-        raws = list(client.hvals("unacked"))
-        for key in client.keys("*"):
-            if client.type(key) == b"list":
-                raws += [json.dumps([json.loads(raw)]) for raw in client.lrange(key, 0, -1)]
-        return {json.loads(raw)[0]["headers"]["id"] for raw in raws}
-    finally:
-        client.close()
 
 
 def _diagnose(shop: Shop, results: list[AsyncResult], logs: list[str]) -> str:
@@ -147,12 +133,13 @@ def test_kill_9_of_the_worker_leaves_no_message_unacked_once_redelivered(
     first.kill()
     second = redis_shop.start_worker(concurrency=2, env=env)
 
-    def seen() -> set[str]:  # the ids of the tasks in the broker or in a worker's log
+    def seen() -> set[str]:  # the ids of the tasks in the broker (`celery tq lost`'s scan) or a log
         logs = first.log + second.log
-        return _in_broker(redis_shop) | {r.id for r in results if r.id in logs}
+        return task_ids(redis_shop.app) | {r.id for r in results if r.id in logs}
 
     def settled() -> bool:  # every task done, or nowhere: neither in the broker nor ever received
-        return all(r.ready() for r in results if r.id in seen())
+        ids = seen()
+        return all(r.ready() for r in results if r.id in ids)
 
     try:  # settled twice, a second apart (a message being fetched is briefly nowhere)
         wait_for(lambda: settled() and not time.sleep(1) and settled(), timeout=60, what="the tasks")
@@ -173,9 +160,8 @@ def test_kill_9_of_the_worker_leaves_no_message_unacked_once_redelivered(
     assert sum(n - 1 for n in runs.values()) <= 8
 
 
-@pytest.mark.parametrize("setting", [False])
-def test_the_setting_turns_it_off(redis_shop: Shop, data_dir: str, setting: bool) -> None:
-    env = {"TQSHOP_CONF": json.dumps({"tq_pipeline_redis_acks": setting})}
+def test_the_setting_turns_it_off(redis_shop: Shop, data_dir: str) -> None:
+    env = {"TQSHOP_CONF": json.dumps({"tq_pipeline_redis_acks": False})}
     results = _send(redis_shop, "o", 40)
     redis_shop.start_worker(concurrency=2, env=env)
     wait_for(lambda: _all_done(results), timeout=60, what="the drain")
