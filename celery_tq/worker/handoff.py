@@ -66,6 +66,7 @@ from celery_tq.registry import Store
 from celery_tq.registry.loop_write import NotSent, loop_write_for
 from celery_tq.registry.record import Row
 from celery_tq.registry.writer import give_back, resolved, take_buffered, write_with_retry
+from celery_tq.result_errors import ENDED
 from celery_tq.settings import settings_for
 
 __all__ = [
@@ -538,7 +539,17 @@ def _time_limit(task: Any) -> float | None:
 
 
 class HandoffRequest(Request):
-    """Celery's request, whose ack waits for the record its pool process handed over."""
+    """Celery's request, whose ack waits for the record its pool process handed over.
+
+    A message redelivered by the broker (``delivery_info['redelivered']``) whose task already
+    ended (SUCCESS, FAILURE, REVOKED, REJECTED in the result backend) is acked without running
+    again: on a worker that hands outcomes over this holds for Celery's own tasks too, not only
+    celery-tq's (:class:`celery_tq.worker.request.TqRequest`). Celery's warm shutdown makes such
+    messages: a task given to a pool process a moment before the shutdown, whose start the main
+    process had not yet seen, is dropped from the pool's books (``Consumer.on_close`` flushes the
+    pool), runs anyway, and its message goes back to the queue unacked. Only redelivered messages
+    cost the backend read.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -550,6 +561,27 @@ class HandoffRequest(Request):
             and worker_state.reserved_requests  # other tasks in the worker: batches form
         ):
             self.request_dict[ACK_KEY] = True
+
+    def revoked(self) -> bool:
+        """Celery's check before a run, plus: a redelivered task that already ended is skipped."""
+        return bool(super().revoked()) or self._ended_before()
+
+    def _ended_before(self) -> bool:
+        if not (self.delivery_info or {}).get("redelivered"):
+            return False
+        try:
+            state = self.task.backend.get_task_meta(self.id).get("status")
+        except Exception:  # unknown: run it again (at least once)
+            logger.warning("task %s[%s]: redelivered, and its state cannot be read", self.name, self.id)
+            return False
+        if state not in ENDED:
+            return False
+        logger.info(
+            "task %s[%s]: redelivered but already %s; acked without running", self.name, self.id, state
+        )
+        worker_state.task_ready(self)
+        self.acknowledge()
+        return True
 
     def acknowledge(self) -> None:
         handoff = _active

@@ -13,9 +13,10 @@ the publisher sends it one broker priority level up, so it does not wait behind 
 The message is acked only after the re-send (or the terminal failure) is stored.
 
 A message redelivered by the broker (``delivery_info['redelivered']``: a connection dropped before
-its ack arrived, a dead worker's messages recovered) whose task already ended (SUCCESS, FAILURE,
-REVOKED, REJECTED in the result backend) is acked without running again. Only redelivered
-messages cost the backend read.
+its ack arrived, a dead worker's messages recovered, a warm shutdown's last tasks) whose task
+already ended (SUCCESS, FAILURE, REVOKED, REJECTED in the result backend) is acked without running
+again (:class:`~celery_tq.worker.handoff.HandoffRequest`, which this request extends). Only
+redelivered messages cost the backend read.
 
 A prefork worker notices a dead pool process in its 5 s pool maintenance (the exit sentinel is not
 always seen); :class:`WatchPoolProcesses` runs that maintenance every half second, so the re-run
@@ -38,7 +39,6 @@ from celery_tq import celery_seam
 from celery_tq.client.publish import HEADER_LOST
 from celery_tq.errors import WorkerLost
 from celery_tq.registry.capture import RUN_KEY
-from celery_tq.result_errors import ENDED
 from celery_tq.settings import settings_for
 from celery_tq.worker.handoff import HandoffRequest
 
@@ -96,27 +96,6 @@ class TqRequest(HandoffRequest):
     def _run_context(self) -> Any:
         """The run's Context, as Celery's own ``on_failure`` re-sends it."""
         return celery_seam.request_context(self)
-
-    def revoked(self) -> bool:
-        """Celery's check before a run, plus: a redelivered task that already ended is skipped."""
-        return bool(super().revoked()) or self._ended_before()
-
-    def _ended_before(self) -> bool:
-        if not (self.delivery_info or {}).get("redelivered"):
-            return False
-        try:
-            state = self.task.backend.get_task_meta(self.id).get("status")
-        except Exception:  # unknown: run it again (at least once)
-            logger.warning("task %s[%s]: redelivered, and its state cannot be read", self.name, self.id)
-            return False
-        if state not in ENDED:
-            return False
-        logger.info(
-            "task %s[%s]: redelivered but already %s; acked without running", self.name, self.id, state
-        )
-        task_ready(self)
-        self.acknowledge()
-        return True
 
     def _succeeded(self) -> bool:
         """The process stored SUCCESS and died afterwards: Celery's own path acks it."""

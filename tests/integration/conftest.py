@@ -77,6 +77,12 @@ def production_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[S
 
 
 @pytest.fixture
+def rabbitmq_production_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    """The production preset on RabbitMQ, with a tq+postgresql:// store."""
+    yield from _shop("rabbitmq+tq", request, Path(data_dir))
+
+
+@pytest.fixture
 def rabbitmq_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
     yield from _shop("rabbitmq", request, Path(data_dir))
 

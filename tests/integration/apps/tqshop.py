@@ -175,6 +175,14 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     def plain(x: int) -> int:
         return x * 2
 
+    @app.task(name="tqshop.plain_busy", shared=False, bind=True, acks_late=True)
+    def plain_busy(self: Any, label: str, seconds: float) -> str:
+        """``busy`` as a plain Celery task (Celery's own request class)."""
+        with open(os.path.join(os.environ["TQ_DATA_DIR"], "runs.log"), "a") as f:
+            f.write(f"{label} {os.getpid()} {self.request.retries} {time.time()}\n")
+        time.sleep(seconds)
+        return label
+
     # Registry tests.
     @tq.task(name="tqshop.slow_fail", shared=False, tags={"billing"})
     def slow_fail(seconds: float) -> None:
