@@ -193,6 +193,9 @@ class Handoff:
             self._thread.start()
             hub.call_repeatedly(SHRINK_EVERY, self._shrink)
             hub.add_reader(self._recv, self._on_datagrams)
+            on_close = getattr(hub, "on_close", None)
+            if isinstance(on_close, set):  # after the pool has stopped, before the broker channel closes
+                on_close.add(self._on_hub_close)
             if self._loop_write is not None:  # connect off the loop
                 self._jobs.put(_Batch([], [], [], {}))
 
@@ -236,6 +239,28 @@ class Handoff:
         """Shutdown: write what was received and release its acks here; later acks wait in place."""
         self._sync = True
         self._settle(timeout)
+
+    def _on_hub_close(self, hub: Any) -> None:
+        """The worker's event loop closes, its pool stopped: write the outcomes still in the socket.
+
+        Celery's warm shutdown drops from the pool's books a task it gave a pool process a moment
+        before, whose start it had not seen yet (``Consumer.on_close`` flushes the pool); the
+        pool process runs it anyway and hands its outcome over, but no result reaches the main
+        process, so nothing asks for that outcome and the task's message is never acked. Written
+        here, before the broker channel closes, it is in the store when the broker delivers the
+        message again, and a worker acks it without running it (:class:`HandoffRequest`)."""
+        self._sync = True
+        self._drain()
+        dropped = [t for t in self._arrived if t not in self._waiting]
+        self._settle()
+        if dropped:
+            logger.info(
+                "celery-tq: wrote the outcome(s) of %d task(s) the pool finished after the shutdown "
+                "began (%s); their messages were not acked and come back redelivered, then acked "
+                "without running",
+                len(dropped),
+                ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
+            )
 
     def _on_datagrams(self) -> None:
         if self._drain():

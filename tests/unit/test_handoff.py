@@ -164,6 +164,28 @@ def test_shutdown_writes_what_arrived_and_releases_its_acks_in_place(
     assert store.read(["d"])[0] is not None
 
 
+def test_what_arrives_after_the_pool_stopped_is_written_when_the_event_loop_closes(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Celery's warm shutdown can drop a task it gave a pool process just before (its start not
+    seen yet); the pool process runs it and hands its outcome over, but nothing asks for that
+    outcome. kombu's real hub runs ``on_close`` callbacks when the worker's Hub step stops (after
+    the pool, before the broker channel closes): the outcome is written then."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    handoff = Handoff(store, retry_for=2.0)
+    handoff.start(hub)
+    handoff.stop()  # the worker step stops before the pool
+    send(handoff, "dropped")  # the pool process's outcome; no result, so no hold(), reaches the loop
+    assert store.read(["dropped"])[0] is None
+    with caplog.at_level(logging.INFO, logger="celery_tq.registry"):
+        hub.close()
+    row = store.read(["dropped"])[0]
+    assert row is not None and row["state"] == "SUCCESS"
+    assert "outcome(s) of 1 task(s) the pool finished after the shutdown began (dropped)" in caplog.text
+
+
 def _request(**fields: Any) -> SimpleNamespace:
     base = {ACK_KEY: True, "chord": None, "callbacks": None, "errbacks": None, "chain": None}
     return SimpleNamespace(**{**base, **fields})
