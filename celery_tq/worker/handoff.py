@@ -251,7 +251,7 @@ class Handoff:
         message again, and a worker acks it without running it (:class:`HandoffRequest`)."""
         self._sync = True
         self._drain()
-        dropped = [t for t in self._arrived if t not in self._waiting]
+        dropped = list(self._arrived)  # the pool has stopped: no result will ask for these
         self._settle()
         if dropped:
             logger.info(

@@ -26,6 +26,12 @@ class CardExpired(Exception):
         self.order_id, self.month = order_id, month
 
 
+def _log_run(label: str, retries: int) -> None:
+    """Append "<label> <pid> <retries> <time>" to $TQ_DATA_DIR/runs.log (a run, as tests count them)."""
+    with open(os.path.join(os.environ["TQ_DATA_DIR"], "runs.log"), "a") as f:
+        f.write(f"{label} {os.getpid()} {retries} {time.time()}\n")
+
+
 def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     app = Celery("tqshop", set_as_current=False)
     tq = celery_tq.install(app, preset="development")
@@ -120,8 +126,7 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     @tq.task(name="tqshop.busy", shared=False, bind=True)
     def busy(self: Any, label: str, seconds: float, die: bool = False) -> str:
         """Log "<label> <pid> <retries>" to $TQ_DATA_DIR/runs.log, then work (or kill its process)."""
-        with open(os.path.join(os.environ["TQ_DATA_DIR"], "runs.log"), "a") as f:
-            f.write(f"{label} {os.getpid()} {self.request.retries} {time.time()}\n")
+        _log_run(label, self.request.retries)
         if die:
             os.kill(os.getpid(), 9)
         time.sleep(seconds)
@@ -178,8 +183,7 @@ def make_app(broker_url: str, result_backend: str, **conf: Any) -> Celery:
     @app.task(name="tqshop.plain_busy", shared=False, bind=True, acks_late=True)
     def plain_busy(self: Any, label: str, seconds: float) -> str:
         """``busy`` as a plain Celery task (Celery's own request class)."""
-        with open(os.path.join(os.environ["TQ_DATA_DIR"], "runs.log"), "a") as f:
-            f.write(f"{label} {os.getpid()} {self.request.retries} {time.time()}\n")
+        _log_run(label, self.request.retries)
         time.sleep(seconds)
         return label
 
