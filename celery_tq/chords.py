@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from uuid import uuid4
 
 from celery import states
 from celery.canvas import maybe_signature
@@ -93,7 +94,8 @@ class ChordsMixin:
         # The claim expires, so a redelivered copy of this task can publish the body if this
         # process dies before it does (Celery's Redis backend: 2 x result_chord_join_timeout).
         join_timeout = float(self.app.conf.result_chord_join_timeout or 5.0)
-        if store.kv_incr(claim, max(30.0, 2 * join_timeout)) != 1:
+        token = uuid4().hex.encode()
+        if not store.kv_claim(claim, token, max(30.0, 2 * join_timeout)):
             return None  # another copy of the last header task is publishing the body
         callback: Any = maybe_signature(request.chord, app=self.app)
         try:
@@ -114,10 +116,11 @@ class ChordsMixin:
         finally:
             # Unless the chord was applied again meanwhile (a frozen chord keeps its group id:
             # set_chord_size dropped our claim), its data goes, and late copies find it done.
-            if store.kv_get([claim])[0] == b"1":
-                for suffix in (".j", ".s", ".t"):
-                    store.kv_delete(self._chord_key(group_id, suffix))
-                store.kv_set(claim, _DONE, max(float(ttl or 0), 300.0))
+            # One atomic step, as Celery's CHORD_CLEANUP_LUA: a re-apply landing between a check
+            # and the deletes would lose its size and find its claim done (its body never sent).
+            drop = [self._chord_key(group_id, suffix) for suffix in (".j", ".s", ".t")]
+            if not store.kv_release(claim, token, drop, _DONE, max(float(ttl or 0), 300.0)):
+                logger.info("Chord %r was applied again while its body was sent: its data stays", group_id)
         return None
 
     def _join(self, group_id: str) -> list[Any]:

@@ -6,13 +6,31 @@ PostgreSQL: database ``test`` on 127.0.0.1:5432 (user postgres), a schema of the
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tests.conftest import service_missing
+
+T = TypeVar("T")
+
+
+def together(calls: list[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` in threads of their own, released at once; their results, in order."""
+    start = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], T]) -> T:
+        start.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 STORE_KINDS = ["memory", "sqlite", "postgresql", "redis"]

@@ -68,6 +68,17 @@ class Store(Protocol):
 
     def kv_expire(self, key: str, ttl: float | None) -> None: ...
 
+    def kv_claim(self, key: str, token: bytes, ttl: float) -> bool:
+        """Set ``key`` to ``token`` for ``ttl`` seconds unless it holds a live value (Redis's
+        ``SET NX PX``); True if this call set it. Of concurrent claims exactly one wins."""
+
+    def kv_release(
+        self, key: str, token: bytes, drop: Sequence[str], value: bytes, ttl: float | None
+    ) -> bool:
+        """If ``key`` still holds ``token``: delete the keys and lists ``drop`` and set ``key`` to
+        ``value`` (for ``ttl`` seconds), in one atomic step; True if it did. A claim dropped
+        (``kv_delete``) or taken over meanwhile leaves everything as it is."""
+
     def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
         """Add ``value`` to the list ``key`` once per ``member``; the number of members it now holds.
 

@@ -115,6 +115,29 @@ class MemoryStore:
             if key in self._kv:
                 self._kv[key] = (self._kv[key][0], time.time() + ttl if ttl else None)
 
+    def kv_claim(self, key: str, token: bytes, ttl: float) -> bool:
+        now = time.time()
+        with self._lock:
+            old = self._kv.get(key)
+            if old is not None and (old[1] is None or old[1] >= now):
+                return False
+            self._kv[key] = (token, now + ttl if ttl else None)
+            return True
+
+    def kv_release(
+        self, key: str, token: bytes, drop: Sequence[str], value: bytes, ttl: float | None
+    ) -> bool:
+        now = time.time()
+        with self._lock:
+            old = self._kv.get(key)
+            if old is None or old[0] != token or (old[1] is not None and old[1] < now):
+                return False
+            for name in drop:
+                self._kv.pop(name, None)
+                self._lists.pop(name, None)
+            self._kv[key] = (value, now + ttl if ttl else None)
+            return True
+
     def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
         now = time.time()
         with self._lock:

@@ -141,6 +141,18 @@ return 1
 """
 )
 
+# kv_release: if the claim still holds the token, delete the chord's keys and mark the claim.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
 _INTS = ("priority", "progress", "retries", "deliveries")
 _FLOATS = ("submitted_at", "started_at", "finished_at", "runtime")
 
@@ -157,6 +169,7 @@ class RedisStore:
         )
         self._merge: Any = self.client.register_script(_MERGE)
         self._delete = self.client.register_script(_DELETE)
+        self._release = self.client.register_script(_RELEASE)
         self._pubsub: Any = None  # opened by the first wait in get()
         db = self.client.connection_pool.connection_kwargs.get("db") or 0
         self._channels = f"{self.prefix}{db}:done:"  # + task id: the wake-up channel of a task
@@ -443,6 +456,15 @@ class RedisStore:
             self.client.pexpire(self._kv(key), int(ttl * 1000))
         else:
             self.client.persist(self._kv(key))
+
+    def kv_claim(self, key: str, token: bytes, ttl: float) -> bool:
+        return bool(self.client.set(self._kv(key), token, px=max(1, int(ttl * 1000)), nx=True))
+
+    def kv_release(
+        self, key: str, token: bytes, drop: Sequence[str], value: bytes, ttl: float | None
+    ) -> bool:
+        keys = [self._kv(key), *(self._kv(name) for name in drop)]
+        return bool(self._release(keys=keys, args=[token, value, int(ttl * 1000) if ttl else 0]))
 
     def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
         # A hash of member -> score and value: HSETNX keeps the first value of a member.

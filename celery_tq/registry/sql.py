@@ -355,6 +355,40 @@ class SqlStore:
         with self._writing() as conn:
             conn.execute(update(kv).where(kv.c.key == key).values(expires_at=_expiry(ttl)))
 
+    def kv_claim(self, key: str, token: bytes, ttl: float) -> bool:
+        self.ensure_schema()
+        for attempt in range(5):
+            try:
+                with self._writing() as conn:
+                    old = conn.execute(self._locked(select(kv.c.expires_at).where(kv.c.key == key))).first()
+                    if old is not None and (old.expires_at is None or old.expires_at >= time.time()):
+                        return False
+                    values = {"value": token, "expires_at": _expiry(ttl)}
+                    if old is None:
+                        conn.execute(insert(kv).values(key=key, **values))
+                    else:
+                        conn.execute(update(kv).where(kv.c.key == key).values(**values))
+                return True
+            except IntegrityError:  # a concurrent first claim: it holds the key now
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def kv_release(
+        self, key: str, token: bytes, drop: Sequence[str], value: bytes, ttl: float | None
+    ) -> bool:
+        self.ensure_schema()
+        with self._writing() as conn:
+            old = conn.execute(
+                self._locked(select(kv.c.value, kv.c.expires_at).where(kv.c.key == key))
+            ).first()
+            if old is None or bytes(old.value) != token or (old.expires_at or float("inf")) < time.time():
+                return False
+            for name in drop:
+                conn.execute(delete(kv).where((kv.c.key == name) | _members_of(name)))
+            conn.execute(update(kv).where(kv.c.key == key).values(value=value, expires_at=_expiry(ttl)))
+        return True
+
     def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
         # The list's size at ``key`` (locked, so pushes serialize) and one row per member.
         self.ensure_schema()
@@ -362,10 +396,7 @@ class SqlStore:
         for attempt in range(5):
             try:
                 with self._writing() as conn:
-                    stmt = select(kv.c.value).where(kv.c.key == key)
-                    if not self.is_sqlite:
-                        stmt = stmt.with_for_update()
-                    size = conn.execute(stmt).scalar()
+                    size = conn.execute(self._locked(select(kv.c.value).where(kv.c.key == key))).scalar()
                     count = int(size or b"0")
                     name = f"{key}{_MEMBER}{member}"
                     if conn.execute(select(kv.c.key).where(kv.c.key == name)).first() is None:
@@ -390,15 +421,18 @@ class SqlStore:
         with self.engine.connect() as conn:
             return by_score(conn.execute(select(kv.c.value).where(_members_of(key), live)).scalars())
 
+    def _locked(self, stmt: Any) -> Any:
+        """``stmt`` locking the rows it reads until the transaction ends (SQLite: ``BEGIN
+        IMMEDIATE`` already serializes writers)."""
+        return stmt if self.is_sqlite else stmt.with_for_update()
+
     def _kv_update(self, key: str, compute: Any, ttl: float | None, keep_ttl: bool = False) -> bytes:
         self.ensure_schema()
         for attempt in range(5):
             try:
                 with self._writing() as conn:
                     stmt = select(kv.c.value, kv.c.expires_at).where(kv.c.key == key)
-                    if not self.is_sqlite:
-                        stmt = stmt.with_for_update()
-                    old = conn.execute(stmt).first()
+                    old = conn.execute(self._locked(stmt)).first()
                     value: bytes = compute(old.value if old else None)
                     expires = old.expires_at if (old and keep_ttl) else _expiry(ttl)
                     if old is None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from celery_tq.registry import Store, store_for_url
-from tests.registry_support import STORE_KINDS, pg_url, store_url
+from tests.registry_support import STORE_KINDS, pg_url, store_url, together
 
 __all__ = ["pg_url"]  # the fixture, used through store_url
 
@@ -39,18 +39,6 @@ def test_deleting_a_list_deletes_its_members_only(store: Store) -> None:
 
 
 def test_of_concurrent_pushes_exactly_one_sees_the_full_list(store: Store) -> None:
-    sizes: list[int] = []
-    lock = threading.Lock()
-
-    def push(i: int) -> None:
-        size = store.kv_push("race.j", f"t{i}", i, str(i).encode(), 60)
-        with lock:
-            sizes.append(size)
-
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sorted(sizes) == list(range(1, 9))
+    pushes = [partial(store.kv_push, "race.j", f"t{i}", i, str(i).encode(), 60) for i in range(8)]
+    assert sorted(together(pushes)) == list(range(1, 9))
     assert store.kv_list("race.j") == [str(i).encode() for i in range(8)]
