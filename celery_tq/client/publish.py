@@ -20,7 +20,6 @@ from kombu.exceptions import EncodeError
 from celery_tq import celery_seam
 from celery_tq.client.batch import send_batched
 from celery_tq.client.limits import check_message
-from celery_tq.client.sent_events import SentEvents
 from celery_tq.errors import InvalidInput
 from celery_tq.metadata import CALL_METADATA, MAX_PRIORITY, TaskMetadata, stamp
 from celery_tq.routing import to_broker_priority
@@ -41,14 +40,8 @@ def _defaults_for(app: Celery, name: str) -> TaskMetadata:
 
 
 def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
-    sent_events = SentEvents(app) if settings.pause_unwatched_events else None
-
     def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:
-        headers, properties, body, sent_event = message
-        if sent_event is not None and sent_events is not None and not sent_events.wanted(producer):
-            sent_event = None  # no monitor listens: Celery sends no task-sent event
-            fields = (headers, properties, body, None)
-            message = fields if type(message) is tuple else type(message)(*fields)  # Celery's task_message
+        headers, _properties, body, sent_event = message
         check_message(
             name,
             {**headers, **(options.get("headers") or {})},
