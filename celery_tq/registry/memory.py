@@ -82,9 +82,9 @@ class MemoryStore:
             old = [i for i, r in self._rows.items() if (r.get("submitted_at") or 0.0) < before]
             for task_id in old:
                 del self._rows[task_id]
-            for key in [k for k, (_, exp) in self._kv.items() if exp is not None and exp < now]:
+            for key in [k for k, (_, exp) in self._kv.items() if not _live(exp, now)]:
                 del self._kv[key]
-            for key in [k for k, (_, exp) in self._lists.items() if exp is not None and exp < now]:
+            for key in [k for k, (_, exp) in self._lists.items() if not _live(exp, now)]:
                 del self._lists[key]
         return len(old)
 
@@ -92,7 +92,7 @@ class MemoryStore:
         now = time.time()
         with self._lock:
             found = [self._kv.get(k) for k in keys]
-        return [v[0] if v and (v[1] is None or v[1] >= now) else None for v in found]
+        return [v[0] if v and _live(v[1], now) else None for v in found]
 
     def kv_set(self, key: str, value: bytes, ttl: float | None) -> None:
         with self._lock:
@@ -119,7 +119,7 @@ class MemoryStore:
         now = time.time()
         with self._lock:
             old = self._kv.get(key)
-            if old is not None and (old[1] is None or old[1] >= now):
+            if old is not None and _live(old[1], now):
                 return False
             self._kv[key] = (token, now + ttl if ttl else None)
             return True
@@ -130,7 +130,7 @@ class MemoryStore:
         now = time.time()
         with self._lock:
             old = self._kv.get(key)
-            if old is None or old[0] != token or (old[1] is not None and old[1] < now):
+            if old is None or old[0] != token or not _live(old[1], now):
                 return False
             for name in drop:
                 self._kv.pop(name, None)
@@ -142,7 +142,7 @@ class MemoryStore:
         now = time.time()
         with self._lock:
             members, expires = self._lists.get(key, ({}, None))
-            if expires is not None and expires < now:
+            if not _live(expires, now):
                 members = {}
             members.setdefault(member, (score, value))
             self._lists[key] = (members, now + ttl if ttl else expires)
@@ -151,6 +151,11 @@ class MemoryStore:
     def kv_list(self, key: str) -> list[bytes]:
         with self._lock:
             members, expires = self._lists.get(key, ({}, None))
-            if expires is not None and expires < time.time():
+            if not _live(expires, time.time()):
                 return []
             return [value for _, value in sorted(members.values())]  # by score, then value
+
+
+def _live(expires: float | None, now: float) -> bool:
+    """Whether a key or list whose expiry is ``expires`` has not expired at ``now``."""
+    return expires is None or expires >= now

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -57,6 +57,8 @@ from celery_tq.registry.sql_merge import (
 )
 
 __all__ = ["SCHEMA_VERSION", "SqlStore"]
+
+_T = TypeVar("_T")
 
 # 2: state names up to 64 characters (custom states); terminal states are final
 # 3: deliveries (runs started) and the id of the run counted last
@@ -334,9 +336,10 @@ class SqlStore:
 
     def kv_get(self, keys: Sequence[str]) -> list[bytes | None]:
         self.ensure_schema()
-        live = (kv.c.expires_at.is_(None)) | (kv.c.expires_at >= time.time())
         with self.engine.connect() as conn:
-            found = dict(conn.execute(select(kv.c.key, kv.c.value).where(kv.c.key.in_(keys), live)).all())
+            found = dict(
+                conn.execute(select(kv.c.key, kv.c.value).where(kv.c.key.in_(keys), _live_rows())).all()
+            )
         return [found.get(k) for k in keys]
 
     def kv_set(self, key: str, value: bytes, ttl: float | None) -> None:
@@ -356,23 +359,18 @@ class SqlStore:
             conn.execute(update(kv).where(kv.c.key == key).values(expires_at=_expiry(ttl)))
 
     def kv_claim(self, key: str, token: bytes, ttl: float) -> bool:
-        self.ensure_schema()
-        for attempt in range(5):
-            try:
-                with self._writing() as conn:
-                    old = conn.execute(self._locked(select(kv.c.expires_at).where(kv.c.key == key))).first()
-                    if old is not None and (old.expires_at is None or old.expires_at >= time.time()):
-                        return False
-                    values = {"value": token, "expires_at": _expiry(ttl)}
-                    if old is None:
-                        conn.execute(insert(kv).values(key=key, **values))
-                    else:
-                        conn.execute(update(kv).where(kv.c.key == key).values(**values))
-                return True
-            except IntegrityError:  # a concurrent first claim: it holds the key now
-                if attempt == 4:
-                    raise
-        raise AssertionError("unreachable")
+        def claim(conn: Connection) -> bool:
+            old = conn.execute(self._locked(select(kv.c.expires_at).where(kv.c.key == key))).first()
+            if old is not None and _live(old.expires_at):
+                return False
+            values = {"value": token, "expires_at": _expiry(ttl)}
+            if old is None:
+                conn.execute(insert(kv).values(key=key, **values))
+            else:
+                conn.execute(update(kv).where(kv.c.key == key).values(**values))
+            return True
+
+        return self._write_retrying(claim)  # (a concurrent first claim holds the key when retried)
 
     def kv_release(
         self, key: str, token: bytes, drop: Sequence[str], value: bytes, ttl: float | None
@@ -382,7 +380,7 @@ class SqlStore:
             old = conn.execute(
                 self._locked(select(kv.c.value, kv.c.expires_at).where(kv.c.key == key))
             ).first()
-            if old is None or bytes(old.value) != token or (old.expires_at or float("inf")) < time.time():
+            if old is None or bytes(old.value) != token or not _live(old.expires_at):
                 return False
             for name in drop:
                 conn.execute(delete(kv).where((kv.c.key == name) | _members_of(name)))
@@ -391,35 +389,30 @@ class SqlStore:
 
     def kv_push(self, key: str, member: str, score: float, value: bytes, ttl: float | None) -> int:
         # The list's size at ``key`` (locked, so pushes serialize) and one row per member.
-        self.ensure_schema()
         expires = _expiry(ttl)
-        for attempt in range(5):
-            try:
-                with self._writing() as conn:
-                    size = conn.execute(self._locked(select(kv.c.value).where(kv.c.key == key))).scalar()
-                    count = int(size or b"0")
-                    name = f"{key}{_MEMBER}{member}"
-                    if conn.execute(select(kv.c.key).where(kv.c.key == name)).first() is None:
-                        entry = {"key": name, "value": scored(score, value), "expires_at": expires}
-                        conn.execute(insert(kv).values(**entry))
-                        count += 1
-                    values = {"value": str(count).encode(), "expires_at": expires}
-                    if size is None:
-                        conn.execute(insert(kv).values(key=key, **values))
-                    else:
-                        conn.execute(update(kv).where(kv.c.key == key).values(**values))
-                        conn.execute(update(kv).where(_members_of(key)).values(expires_at=expires))
-                return count
-            except IntegrityError:  # a concurrent first push to the same list: count again
-                if attempt == 4:
-                    raise
-        raise AssertionError("unreachable")
+
+        def push(conn: Connection) -> int:
+            size = conn.execute(self._locked(select(kv.c.value).where(kv.c.key == key))).scalar()
+            count = int(size or b"0")
+            name = f"{key}{_MEMBER}{member}"
+            if conn.execute(select(kv.c.key).where(kv.c.key == name)).first() is None:
+                entry = {"key": name, "value": scored(score, value), "expires_at": expires}
+                conn.execute(insert(kv).values(**entry))
+                count += 1
+            values = {"value": str(count).encode(), "expires_at": expires}
+            if size is None:
+                conn.execute(insert(kv).values(key=key, **values))
+            else:
+                conn.execute(update(kv).where(kv.c.key == key).values(**values))
+                conn.execute(update(kv).where(_members_of(key)).values(expires_at=expires))
+            return count
+
+        return self._write_retrying(push)  # (a concurrent first push to the same list: count again)
 
     def kv_list(self, key: str) -> list[bytes]:
         self.ensure_schema()
-        live = (kv.c.expires_at.is_(None)) | (kv.c.expires_at >= time.time())
         with self.engine.connect() as conn:
-            return by_score(conn.execute(select(kv.c.value).where(_members_of(key), live)).scalars())
+            return by_score(conn.execute(select(kv.c.value).where(_members_of(key), _live_rows())).scalars())
 
     def _locked(self, stmt: Any) -> Any:
         """``stmt`` locking the rows it reads until the transaction ends (SQLite: ``BEGIN
@@ -427,21 +420,27 @@ class SqlStore:
         return stmt if self.is_sqlite else stmt.with_for_update()
 
     def _kv_update(self, key: str, compute: Any, ttl: float | None, keep_ttl: bool = False) -> bytes:
+        def update_value(conn: Connection) -> bytes:
+            stmt = select(kv.c.value, kv.c.expires_at).where(kv.c.key == key)
+            old = conn.execute(self._locked(stmt)).first()
+            value: bytes = compute(old.value if old else None)
+            expires = old.expires_at if (old and keep_ttl) else _expiry(ttl)
+            if old is None:
+                conn.execute(insert(kv).values(key=key, value=value, expires_at=expires))
+            else:
+                conn.execute(update(kv).where(kv.c.key == key).values(value=value, expires_at=expires))
+            return value
+
+        return self._write_retrying(update_value)
+
+    def _write_retrying(self, work: Callable[[Connection], _T]) -> _T:
+        """``work`` in one write transaction, run again (up to five times) when a concurrent
+        transaction inserted the same key first (``IntegrityError``)."""
         self.ensure_schema()
         for attempt in range(5):
             try:
                 with self._writing() as conn:
-                    stmt = select(kv.c.value, kv.c.expires_at).where(kv.c.key == key)
-                    old = conn.execute(self._locked(stmt)).first()
-                    value: bytes = compute(old.value if old else None)
-                    expires = old.expires_at if (old and keep_ttl) else _expiry(ttl)
-                    if old is None:
-                        conn.execute(insert(kv).values(key=key, value=value, expires_at=expires))
-                    else:
-                        conn.execute(
-                            update(kv).where(kv.c.key == key).values(value=value, expires_at=expires)
-                        )
-                return value
+                    return work(conn)
             except IntegrityError:
                 if attempt == 4:
                     raise
@@ -486,6 +485,16 @@ def _tag_values(row: Row) -> Row:
 
 def _row(result_row: Any) -> Row:
     return {k: v for k, v in result_row._mapping.items() if v is not None}
+
+
+def _live(expires_at: float | None) -> bool:
+    """Whether a key-value row whose expiry is ``expires_at`` has not expired."""
+    return expires_at is None or expires_at >= time.time()
+
+
+def _live_rows() -> ColumnElement[bool]:
+    """:func:`_live` as a condition on ``tq_kv``'s rows."""
+    return kv.c.expires_at.is_(None) | (kv.c.expires_at >= time.time())
 
 
 def _expiry(ttl: float | None) -> float | None:
