@@ -53,6 +53,8 @@ from celery_tq.registry.sql_merge import (
     parse_notice,
     tag_upsert_sqlite,
     task_upsert,
+    task_upsert_libpq,
+    task_upsert_numbered,
     task_upsert_params,
 )
 
@@ -63,6 +65,7 @@ _T = TypeVar("_T")
 # 2: state names up to 64 characters (custom states); terminal states are final
 # 3: deliveries (runs started) and the id of the run counted last
 SCHEMA_VERSION = 3
+_PREPARED_ONE, _PREPARED_MANY = b"tq_write_one", b"tq_write_many"  # SqlStore.write's, per session
 ID = String(155)
 RUN_ID_MAX = 64
 metadata = MetaData()
@@ -281,11 +284,18 @@ class SqlStore:
             # session setting would leak to other clients: the server's setting applies there.
             durable = any(int(r["progress"]) >= FINAL for r in folded.values())
 
+            rows = [folded[i] for i in ids]
+
             def work(conn: Any) -> None:
-                if not self.through_pgbouncer:
+                channel = self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)
+                if not self.through_pgbouncer:  # PgBouncer's transaction mode: nothing prepared
                     self.direct.synchronous_commit(conn, durable)
-                params = task_upsert_params([folded[i] for i in ids])
-                conn.execute(statement, [*params, self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)])
+                    raw = task_upsert_libpq(rows, channel.encode())
+                    if raw is not None:
+                        name = _PREPARED_ONE if len(rows) == 1 else _PREPARED_MANY
+                        self.direct.execute_prepared(conn, name, task_upsert_numbered(len(rows)), raw)
+                        return
+                conn.execute(statement, [*task_upsert_params(rows), channel])
 
         self.direct.run(work)
 

@@ -15,14 +15,12 @@ Connecting is blocking (:meth:`LoopWrite.connect`): the caller does it off the l
 from __future__ import annotations
 
 import contextlib
-import itertools
-import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery_tq.registry.loop_write import NotSent
 from celery_tq.registry.record import Row, fold
-from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL, task_upsert, task_upsert_text
+from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL, task_upsert_libpq, task_upsert_numbered
 
 if TYPE_CHECKING:
     from celery_tq.registry.sql import SqlStore
@@ -30,12 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["LoopWrite", "NotSent", "sql_loop_write"]
 
 _ONE, _MANY = b"tq_loop_one", b"tq_loop_many"
-
-
-def _numbered(statement: str) -> str:
-    """psycopg's ``%s`` placeholders as libpq's ``$1, $2, ...``."""
-    count = itertools.count(1)
-    return re.sub(r"%s", lambda _: f"${next(count)}", statement)
 
 
 class LoopWrite:
@@ -76,7 +68,7 @@ class LoopWrite:
             channel = str(row[0]) if row else ""
             pgconn = conn.pgconn
             for name, rows in ((_ONE, 1), (_MANY, 2)):
-                result = pgconn.prepare(name, _numbered(task_upsert("postgresql", rows)).encode())
+                result = pgconn.prepare(name, task_upsert_numbered(rows))
                 if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
                     raise psycopg.OperationalError(result.error_message.decode(errors="replace"))
         except BaseException:
@@ -95,15 +87,9 @@ class LoopWrite:
             raise NotSent("no idle connection")
         folded = fold(rows)
         ordered = [folded[i] for i in sorted(folded)]  # the store's lock order (SqlStore.write)
-        params: list[bytes | None] = []
-        for value in task_upsert_text(ordered):
-            if value is None:
-                params.append(None)
-                continue
-            if "\0" in value:  # libpq sends text parameters as C strings
-                raise NotSent("a value holds a NUL character")
-            params.append(value.encode())
-        params.append(self._channel)
+        params = task_upsert_libpq(ordered, self._channel)
+        if params is None:  # libpq sends text parameters as C strings
+            raise NotSent("a value holds a NUL character")
         try:
             self._conn.pgconn.send_query_prepared(_ONE if len(ordered) == 1 else _MANY, params)
         except Exception as exc:

@@ -12,8 +12,10 @@ Python rule and the Redis store's Lua against one table of cases.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +28,8 @@ __all__ = [
     "parse_notice",
     "tag_upsert_sqlite",
     "task_upsert",
+    "task_upsert_libpq",
+    "task_upsert_numbered",
     "task_upsert_params",
     "task_upsert_text",
 ]
@@ -166,6 +170,33 @@ def task_upsert_text(rows: Sequence[Row]) -> list[str | None]:
     if len(rows) == 1:
         return [_pg_text(value) for value in params]
     return [_array_literal(column) for column in params]
+
+
+def task_upsert_libpq(rows: Sequence[Row], channel: bytes) -> list[bytes | None] | None:
+    """The parameters of :func:`task_upsert_numbered` as libpq takes them (text, encoded), the
+    registry's channel last; None when a value cannot go as text (libpq sends C strings: a NUL
+    character ends them), for the caller to send through psycopg's adaptation instead."""
+    params: list[bytes | None] = []
+    for value in task_upsert_text(rows):
+        if value is None:
+            params.append(None)
+        elif "\0" in value:
+            return None
+        else:
+            params.append(value.encode())
+    params.append(channel)
+    return params
+
+
+def task_upsert_numbered(rows: int) -> bytes:
+    """PostgreSQL's :func:`task_upsert` with libpq's ``$1, $2, ...`` placeholders (to prepare)."""
+    return _numbered(min(rows, 2))  # one text for one row, one for any larger number
+
+
+@functools.lru_cache(maxsize=2)
+def _numbered(rows: int) -> bytes:
+    count = itertools.count(1)
+    return re.sub(r"%s", lambda _: f"${next(count)}", task_upsert("postgresql", rows)).encode()
 
 
 def _array_literal(values: Sequence[str | None]) -> str:

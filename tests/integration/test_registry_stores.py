@@ -80,13 +80,16 @@ def test_every_store_keeps_text_values_and_times_exactly(store: Store, text: str
         kwargs_repr=text,
         result=json.dumps(text),
     )
-    for batch in ([queued], [done]), ([queued, done],):
+    other = change("u", "QUEUED", 0, submitted_at=submitted, args_repr=text)  # a batch of two rows
+    for batch in ([queued], [done]), ([queued, done, other],):
         store.delete("t")
         for write in batch:
             store.write(write)
         record = Registry(store).get("t")
         assert record is not None
         assert (record.args_repr, record.kwargs_repr, record.result) == (text, text, text)
+        if other in batch[0]:
+            assert Registry(store).get("u").args_repr == text  # type: ignore[union-attr]
         assert record.submitted_at is not None and record.submitted_at.timestamp() == pytest.approx(
             submitted, abs=1e-6
         )
@@ -497,3 +500,16 @@ def test_a_postgresql_batch_with_one_record_it_cannot_hold_writes_the_others(
         write_isolating(store, rows)  # the batch statement fails: each row alone, "bad" dropped
     assert sorted(r.id for r in Registry(store).query()) == [f"ok{i}" for i in range(4)]
     assert "bad" in caplog.text
+
+
+def test_a_postgresql_store_writes_on_a_new_session_after_its_own_was_terminated(pg_url: str) -> None:
+    import psycopg
+
+    store = store_for_url(pg_url)
+    now = time.time()
+    store.write([change("before", "SUCCESS", 0, submitted_at=now, result="1")])  # prepared on this session
+    pid = store.direct.run(lambda conn: conn.info.backend_pid)  # type: ignore[attr-defined]
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    store.write([change("after", "SUCCESS", 0, submitted_at=now, result="2")])  # reconnects, prepares again
+    assert Registry(store).get("after").result == 2  # type: ignore[union-attr]
