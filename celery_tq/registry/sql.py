@@ -5,12 +5,12 @@ Tables: ``tq_tasks`` (one row per task; indexes on state, name, queue, root id, 
 query by tag + state is one index range, newest first), ``tq_kv`` (group/chord bookkeeping) and
 ``tq_schema`` (the schema version). A batch of writes is one multi-row upsert that merges
 forward-only on the server (:mod:`.sql_merge`), over the store's direct connection
-(:mod:`.sql_conn`); queries and the key-value space go through SQLAlchemy.
+(:mod:`.sql_conn`); queries and the key-value space go through SQLAlchemy; ``get()`` is woken
+by a listening session (:mod:`.sql_listen`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,12 +45,11 @@ from sqlalchemy.sql import ColumnElement, FromClause
 
 from celery_tq.errors import StorageError
 from celery_tq.registry.kvlist import by_score, scored
-from celery_tq.registry.record import COLUMNS, FINAL, FIRST_WAIT, STATE_MAX, TERMINAL, Query, Row, fold
+from celery_tq.registry.record import COLUMNS, FINAL, STATE_MAX, TERMINAL, Query, Row, fold
 from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
+from celery_tq.registry.sql_listen import DoneListener
 from celery_tq.registry.sql_merge import (
     NOTIFY_CHANNEL_SQL,
-    notice_id,
-    parse_notice,
     tag_upsert_sqlite,
     task_upsert,
     task_upsert_libpq,
@@ -145,11 +144,7 @@ class SqlStore:
             self.engine = create_engine(engine_url, pool_pre_ping=True, pool_size=2, connect_args=args)
         self.direct = DirectConnection(parsed, self.is_sqlite)
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
-        self._listener: Any = None
-        self._seen_done: dict[str, str] = {}  # task id: its tq_done_* payload
-        self._generation = 0  # listeners opened so far in this process
-        self._expected: dict[str, int] = {}  # task id sent while listening: the listener's generation
-        self._wait_lock = threading.Lock()
+        self.listener = DoneListener(self.direct)  # get()'s wake-ups (PostgreSQL)
         self._ready = False
         self._lock = threading.Lock()
 
@@ -157,69 +152,25 @@ class SqlStore:
         """Close this process's connections (the store opens them again when used)."""
         self.direct.close()
         self.engine.dispose()
-        with self._wait_lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(Exception):
-                listener.close()
+        self.listener.close()
 
     def published(self, task_id: str) -> None:
         """PostgreSQL: ``task_id`` was sent while this process listens, so its outcome's notice
         will reach the listener; its first wait then need not read the record first."""
-        listener = self._listener
-        if listener is not None and not listener.closed:
-            self._expected[task_id] = self._generation
-            if len(self._expected) > 4_096:  # published, never waited for
-                with contextlib.suppress(StopIteration, RuntimeError, KeyError):
-                    del self._expected[next(iter(self._expected))]
+        self.listener.published(task_id)
 
     def wait_for_outcome(self, task_id: str, seconds: float, is_ready: Callable[[str], bool]) -> bool:
         """PostgreSQL: return when ``task_id``'s terminal write is notified on the registry's
-        ``tq_done_*`` channel (or after ``seconds``); False where the store cannot wake a waiter
-        (SQLite, PgBouncer): poll.
-
-        A task this process sent while already listening (:meth:`published`) is first waited
-        for up to ``FIRST_WAIT`` s without a read: a short task's notice carries its record, so
-        ``get()`` reads nothing. Only then, as for any other task, is the record read once
-        listening (the outcome may have been written before)."""
+        ``tq_done_*`` channel (or after ``seconds``: :class:`.sql_listen.DoneListener`); False
+        where the store cannot wake a waiter (SQLite, PgBouncer): poll."""
         if self.is_sqlite or self.through_pgbouncer:
             return False
-        with self._wait_lock:
-            try:
-                if self._listener is None or self._listener.closed:
-                    self._listener = self.direct.open_listener(NOTIFY_CHANNEL_SQL)
-                    self._generation += 1  # a new listener: notices sent before it are not here
-                if self._expected.pop(task_id, None) == self._generation:
-                    if task_id in self._seen_done or self._take_notices(task_id, min(seconds, FIRST_WAIT)):
-                        return True
-                else:
-                    self._seen_done.pop(task_id, None)  # noticed before this wait: a read is fresher
-                if is_ready(task_id):
-                    return True
-                self._take_notices(task_id, seconds)
-            except Exception:  # a lost listener: the caller polls again; a new one next time
-                listener, self._listener = self._listener, None
-                if listener is not None:
-                    with contextlib.suppress(Exception):
-                        listener.close()
-                time.sleep(min(seconds, 0.1))
+        self.listener.wait(task_id, seconds, is_ready)
         return True
-
-    def _take_notices(self, task_id: str, seconds: float) -> bool:
-        """Keep the listener's notices until one is ``task_id``'s (True) or ``seconds`` pass."""
-        for notice in self._listener.notifies(timeout=seconds):
-            self._seen_done[notice_id(notice.payload)] = notice.payload  # row parsed if asked
-            if len(self._seen_done) > 4_096:  # done ids another waiter of this process may want
-                del self._seen_done[next(iter(self._seen_done))]
-            if task_id in self._seen_done:
-                return True
-        return False
 
     def notified_row(self, task_id: str) -> Row | None:
         """The merged row the wake-up for ``task_id`` carried (once), or None: then read it."""
-        with self._wait_lock:
-            payload = self._seen_done.pop(task_id, None)
-        return None if payload is None else parse_notice(payload)[1]
+        return self.listener.notified_row(task_id)
 
     def ensure_schema(self) -> None:
         """Create the tables, once per process (every call before a read or write does this)."""

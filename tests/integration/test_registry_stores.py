@@ -513,3 +513,56 @@ def test_a_postgresql_store_writes_on_a_new_session_after_its_own_was_terminated
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     store.write([change("after", "SUCCESS", 0, submitted_at=now, result="2")])  # reconnects, prepares again
     assert Registry(store).get("after").result == 2  # type: ignore[union-attr]
+
+
+def test_a_process_that_stops_waiting_stops_listening_so_it_cannot_hold_postgresqls_notices(
+    pg_url: str,
+) -> None:
+    """A listening session that nobody reads would keep PostgreSQL's notification queue from its
+    position on, until the queue is full and every outcome write of the registry fails."""
+    import psycopg
+
+    from celery_tq.registry.sql import SqlStore
+    from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL
+
+    store = store_for_url(pg_url)
+    assert isinstance(store, SqlStore)
+    store.listener.idle = 0.5
+    schema = pg_url.rsplit("%3D", 1)[1]
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True, options=f"-csearch_path={schema}") as admin:
+        channel = admin.execute(f"SELECT {NOTIFY_CHANNEL_SQL}").fetchone()[0]  # type: ignore[index]
+
+        def listening() -> list[int]:
+            rows = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE query = %s", (f'LISTEN "{channel}"',)
+            ).fetchall()
+            return [int(r[0]) for r in rows]
+
+        def wait_for(task_id: str) -> float:
+            began = time.monotonic()
+            assert store.wait_for_outcome(task_id, 10.0, lambda t: store.read([t])[0] is not None)
+            return time.monotonic() - began
+
+        now = time.time()
+        store.write([change("first", "SUCCESS", 0, submitted_at=now, result="1")])
+        wait_for("first")
+        session = listening()
+        assert len(session) == 1
+        for i in range(6):  # a process that keeps waiting keeps its session
+            time.sleep(0.2)
+            store.write([change(f"kept{i}", "SUCCESS", 0, submitted_at=now, result="1")])
+            wait_for(f"kept{i}")
+        assert listening() == session
+        store.write([change(f"nobody{i}", "SUCCESS", 0, submitted_at=now, result="1") for i in range(500)])
+        deadline = time.monotonic() + 10
+        while listening() and time.monotonic() < deadline:  # idle: the session goes
+            time.sleep(0.1)
+        assert listening() == []
+        waiter = threading.Thread(target=wait_for, args=("later",))
+        waiter.start()  # the next wait listens again and is woken as before
+        time.sleep(0.3)
+        store.write([change("later", "SUCCESS", 0, submitted_at=now, result="2")])
+        waiter.join(10.0)
+        assert not waiter.is_alive()
+        assert len(listening()) == 1 and listening() != session
+        assert store.notified_row("later") is not None
