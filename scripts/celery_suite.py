@@ -84,6 +84,19 @@ class Outcome:
     failed: set[str] = field(default_factory=set)
     skipped: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    exit_code: int | None = None  # pytest's: 0 all passed, 1 some failed, anything else incomplete
+
+    @property
+    def reported(self) -> set[str]:
+        return self.passed | self.failed | self.skipped
+
+    def incomplete(self) -> str | None:
+        """Why this run says nothing about compatibility (None: it ran to its end)."""
+        if self.exit_code not in (0, 1):
+            return f"pytest ended with exit code {self.exit_code} (interrupted, crashed or collected nothing)"
+        if not self.passed:
+            return "no test passed"
+        return None
 
 
 def fetch_suite(workdir: Path) -> Path:
@@ -185,9 +198,10 @@ def _run(
     print(f"== {name}: broker {env['TEST_BROKER']}, backend {env['TEST_BACKEND']}", flush=True)
     started = time.monotonic()
     with open(out / f"{name}.log", "wb") as log:
-        subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        run = subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     outcome = read_junit(xml)
     outcome.seconds = time.monotonic() - started
+    outcome.exit_code = run.returncode
     return outcome
 
 
@@ -256,7 +270,19 @@ def report(outcomes: dict[str, Outcome], differences: dict[str, str], files: lis
             print(f"NEW FAILURE [{name}] {test_id}")
         for test_id in sorted((outcomes[name].failed - plain.failed) & set(differences)):
             print(f"documented difference [{name}] {test_id}: {differences[test_id]}")
-    return 1 if any(regressions.values()) else 0
+    # A run that did not reach its end (killed, crashed, nothing collected) would otherwise show
+    # no new failures; so would a test that one configuration never reported.
+    broken = False
+    for name, outcome in outcomes.items():
+        why = outcome.incomplete()
+        if why is not None:
+            print(f"INCOMPLETE RUN [{name}]: {why}; see {name}.log")
+            broken = True
+        elif name != "plain":
+            for test_id in sorted(plain.reported - outcome.reported):
+                print(f"NOT RUN [{name}] {test_id}: plain Celery's run reported it")
+                broken = True
+    return 1 if broken or any(regressions.values()) else 0
 
 
 if __name__ == "__main__":
