@@ -11,8 +11,10 @@ by a listening session (:mod:`.sql_listen`).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,6 +122,26 @@ kv = Table(
 schema = Table("tq_schema", metadata, Column("version", Integer, primary_key=True))
 
 
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines a forked child must not share
+_AT_FORK_REGISTERED = False
+
+
+def _forget_parents_connections() -> None:
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)  # SQLAlchemy's recipe: the parent's sockets stay the parent's
+
+
+def _fork_safe(engine: Engine) -> Engine:
+    """A process forked after ``engine`` connected starts with an empty pool: it neither uses
+    nor closes (``close()``, ``dispose()``) the pooled connections of its parent."""
+    global _AT_FORK_REGISTERED
+    if not _AT_FORK_REGISTERED:
+        os.register_at_fork(after_in_child=_forget_parents_connections)
+        _AT_FORK_REGISTERED = True
+    _ENGINES.add(engine)
+    return engine
+
+
 class SqlStore:
     """Records in SQLite or PostgreSQL (psycopg 3); schema created on first use."""
 
@@ -141,7 +163,9 @@ class SqlStore:
             _sqlite_locking(self.engine)
         else:
             engine_url, args, self.through_pgbouncer = pg_params(parsed)
-            self.engine = create_engine(engine_url, pool_pre_ping=True, pool_size=2, connect_args=args)
+            self.engine = _fork_safe(
+                create_engine(engine_url, pool_pre_ping=True, pool_size=2, connect_args=args)
+            )
         self.direct = DirectConnection(parsed, self.is_sqlite)
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.listener = DoneListener(self.direct)  # get()'s wake-ups (PostgreSQL)

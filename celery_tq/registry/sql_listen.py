@@ -111,7 +111,7 @@ class DoneListener:
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and self._pid == os.getpid():  # a parent's session is the parent's
             with contextlib.suppress(Exception):
                 conn.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import time
@@ -580,3 +581,51 @@ def test_a_process_that_stops_waiting_stops_listening_so_it_cannot_hold_postgres
         assert not waiter.is_alive()
         assert len(listening()) == 1 and listening() != session
         assert store.notified_row("later") is not None
+
+
+def test_a_forked_child_closing_its_copy_of_a_store_leaves_the_parents_sessions_alone(pg_url: str) -> None:
+    """A child forked from a process that uses a PostgreSQL store shares its sockets; the child's
+    ``close()`` (or a pool's ``dispose()``) must not end the parent's query, write or listening
+    sessions under it."""
+    from celery_tq.registry.sql import SqlStore
+
+    store = store_for_url(pg_url)
+    assert isinstance(store, SqlStore)
+    registry = Registry(store)
+    now = time.time()
+    store.write([change("first", "SUCCESS", 0, submitted_at=now, result="1")])
+    assert store.wait_for_outcome("first", 5.0, lambda t: store.read([t])[0] is not None)  # listening
+
+    def pooled_session() -> int:
+        with store.engine.connect() as conn:  # a pooled query session, kept by the pool
+            return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+    sessions = (
+        store.direct.run(lambda c: c.info.backend_pid),  # type: ignore[attr-defined]
+        store.listener._conn.info.backend_pid,
+        pooled_session(),
+    )
+
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit code
+        code = 1
+        try:
+            store.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    store.write([change("after", "SUCCESS", 0, submitted_at=now, result="2")])  # same write session
+    assert store.direct.run(lambda c: c.info.backend_pid) == sessions[0]  # type: ignore[attr-defined]
+    assert registry.get("after").result == 2  # type: ignore[union-attr]
+    assert pooled_session() == sessions[2]
+    waiter = threading.Thread(target=store.wait_for_outcome, args=("woken", 10.0, lambda t: False))
+    waiter.start()
+    time.sleep(0.2)
+    store.write([change("woken", "SUCCESS", 0, submitted_at=now, result="3")])
+    waiter.join(10.0)
+    assert not waiter.is_alive()  # woken by the notice on the session it had
+    assert store.listener._conn.info.backend_pid == sessions[1]
+    assert store.notified_row("woken") is not None
