@@ -52,6 +52,7 @@ from celery_tq.registry.sql_conn import DirectConnection, pg_params, sqlite_args
 from celery_tq.registry.sql_listen import DoneListener
 from celery_tq.registry.sql_merge import (
     NOTIFY_CHANNEL_SQL,
+    ends_a_task,
     tag_upsert_sqlite,
     task_upsert,
     task_upsert_libpq,
@@ -257,9 +258,8 @@ class SqlStore:
             # progress states commit asynchronously (visible at once; a PostgreSQL crash can lose
             # the last fraction of a second of them, never an outcome). Through PgBouncer a
             # session setting would leak to other clients: the server's setting applies there.
-            durable = any(int(r["progress"]) >= FINAL for r in folded.values())
-
             rows = [folded[i] for i in ids]
+            durable = ends_a_task(rows)
 
             def work(conn: Any) -> None:
                 channel = self.direct.session_value(conn, NOTIFY_CHANNEL_SQL)
@@ -270,7 +270,7 @@ class SqlStore:
                         name = _PREPARED_ONE if len(rows) == 1 else _PREPARED_MANY
                         self.direct.execute_prepared(conn, name, task_upsert_numbered(len(rows)), raw)
                         return
-                conn.execute(statement, [*task_upsert_params(rows), channel])
+                conn.execute(statement, [*task_upsert_params(rows), channel if durable else None])
 
         self.direct.run(work)
 

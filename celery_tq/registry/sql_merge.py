@@ -184,7 +184,7 @@ def task_upsert_libpq(rows: Sequence[Row], channel: bytes) -> list[bytes | None]
             return None
         else:
             params.append(value.encode())
-    params.append(channel)
+    params.append(channel if ends_a_task(rows) else None)
     return params
 
 
@@ -222,17 +222,27 @@ def task_upsert(dialect: str, rows: int) -> str:
     # write its tag rows in the order they merged it: the tag rows carry its latest state.
     # A terminal write also notifies the registry's ``tq_done_*`` channel (delivered at commit):
     # it wakes a client waiting in ``get()``, and carries the merged row when it fits, so that
-    # client need not read it (payload: see :func:`parse_notice`).
+    # client need not read it (payload: see :func:`parse_notice`). A batch that brings no
+    # outcome passes no channel (:func:`ends_a_task`): a client's QUEUED rows merged after
+    # their tasks ended notify nobody again.
     return (
         f"WITH up AS ({upsert} RETURNING o.*), "
         "tagged AS (INSERT INTO tq_task_tags (task_id, tag, state, submitted_at) "
         "SELECT up.id, t.tag, up.state, up.submitted_at FROM up "
         "CROSS JOIN LATERAL jsonb_array_elements_text(up.tags::jsonb) AS t(tag) "
         "WHERE up.tags IS NOT NULL " + _TAG_CONFLICT + ") "
-        f"SELECT pg_notify(%s::text, length(up.id) || ':' || up.id || CASE WHEN "
+        "SELECT pg_notify(n.channel, length(up.id) || ':' || up.id || CASE WHEN "
         f"octet_length(j::text) <= {NOTICE_ROW_MAX} THEN j::text ELSE '' END) "
-        f"FROM up, row_to_json(up) AS j WHERE up.progress >= {FINAL}"
+        "FROM (SELECT %s::text AS channel) AS n, up, row_to_json(up) AS j "
+        f"WHERE n.channel IS NOT NULL AND up.progress >= {FINAL}"
     )
+
+
+def ends_a_task(rows: Sequence[Row]) -> bool:
+    """Whether a change in ``rows`` ends its task: the write a client in ``get()`` waits for,
+    so the batch notifies (:func:`task_upsert`'s channel parameter, else None, as the Redis
+    store publishes only for a change that is itself terminal) and its commit is durable."""
+    return any(int(r.get("progress", 0)) >= FINAL for r in rows)
 
 
 def notice_id(payload: str) -> str:

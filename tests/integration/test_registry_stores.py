@@ -629,3 +629,28 @@ def test_a_forked_child_closing_its_copy_of_a_store_leaves_the_parents_sessions_
     assert not waiter.is_alive()  # woken by the notice on the session it had
     assert store.listener._conn.info.backend_pid == sessions[1]
     assert store.notified_row("woken") is not None
+
+
+def test_postgresql_notifies_a_write_that_ends_a_task_and_not_a_late_queued_row(pg_url: str) -> None:
+    """A client's QUEUED row merged after its task ended (short tasks: the client writes QUEUED
+    in batches, a moment later) changes no outcome: it wakes no listener again, as on Redis,
+    whose store publishes only a change that is itself terminal."""
+    import psycopg
+
+    from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL, notice_id
+
+    store = store_for_url(pg_url)
+    schema = pg_url.rsplit("%3D", 1)[1]
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True, options=f"-csearch_path={schema}") as ear:
+        channel = ear.execute(f"SELECT {NOTIFY_CHANNEL_SQL}").fetchone()[0]  # type: ignore[index]
+        ear.execute(f'LISTEN "{channel}"')
+        now = time.time()
+        store.write([change("short", "SUCCESS", 0, submitted_at=now, finished_at=now + 1, result="1")])
+        store.write([change("short", "QUEUED", 0, submitted_at=now, args_repr="(1,)", name="t.short")])
+        store.write([change(f"q{i}", "QUEUED", 0, submitted_at=now) for i in range(3)])  # a client batch
+        heard = [notice_id(n.payload) for n in ear.notifies(timeout=1.0)]
+        assert heard == ["short"]  # the outcome only
+        store.write([change("q0", "FAILURE", 0, submitted_at=now, error="{}")])
+        assert [notice_id(n.payload) for n in ear.notifies(timeout=5.0, stop_after=1)] == ["q0"]
+    row = Registry(store).get("short")
+    assert row is not None and row.state == "SUCCESS" and row.args_repr == "(1,)"  # the late row merged
