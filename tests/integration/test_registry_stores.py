@@ -358,6 +358,18 @@ def test_a_version_2_schema_gains_deliveries_and_keeps_its_records(
     store.close()
 
 
+def until_subscribed(store: Any, task_id: str) -> None:
+    """Redis has taken the subscription ``RedisStore.published`` sent without waiting for its
+    answer. In a real round trip the task's way through the broker and the worker gives it that
+    time; a test that writes the outcome at once must wait, or the outcome's ``PUBLISH`` (on
+    another connection) can reach Redis first."""
+    channel = store._done(task_id)
+    deadline = time.monotonic() + 5.0
+    while dict(store.client.pubsub_numsub(channel)).get(channel.encode(), 0) < 1:
+        assert time.monotonic() < deadline, "the subscription never reached Redis"
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("kind", ["postgresql", "redis"])
 def test_a_wait_for_a_task_sent_while_listening_reads_nothing(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -375,16 +387,8 @@ def test_a_wait_for_a_task_sent_while_listening_reads_nothing(
         return False
 
     def subscribed(task_id: str) -> None:
-        """Redis has taken the subscription ``published`` sent without waiting for its answer (in
-        a real round trip the task's way through the broker and the worker gives it that time);
-        PostgreSQL listens on one channel for the whole registry."""
-        if kind != "redis":
-            return
-        channel = store._done(task_id)
-        deadline = time.monotonic() + 5.0
-        while dict(store.client.pubsub_numsub(channel)).get(channel.encode(), 0) < 1:
-            assert time.monotonic() < deadline, "the subscription never reached Redis"
-            time.sleep(0.005)
+        if kind == "redis":  # PostgreSQL listens on one channel for the whole registry
+            until_subscribed(store, task_id)
 
     store.published("before")  # no listener yet: nothing is noted
     store.write([change("before", "SUCCESS", 0, submitted_at=time.time(), result="1")])
@@ -430,6 +434,8 @@ def test_a_redis_client_that_sends_without_waiting_subscribes_to_one_task_ahead_
     sent = [f"t{n}" for n in range(200)]
     for task_id in sent:
         store.published(task_id)
+        if task_id == "t0":  # the one subscribed ahead
+            until_subscribed(store, task_id)
         store.write([change(task_id, "SUCCESS", 0, submitted_at=time.time(), result=f'"{task_id}"')])
     assert store.client.pubsub_channels(channels) == [store._done("t0").encode()]
     reads: list[str] = []
@@ -462,6 +468,7 @@ def test_a_redis_wait_survives_the_loss_of_its_listening_connection(tmp_path: Pa
         store: Any = store_for_url(f"{server.url}/0")
         assert store.wait_for_outcome("warm-up", 0.01, lambda _: True)  # the listener is open now
         store.published("t")
+        until_subscribed(store, "t")
         assert store.client.client_kill_filter(_type="pubsub") == 1
         store.write([change("t", "SUCCESS", 0, submitted_at=time.time(), result="7")])
         started = time.monotonic()
@@ -469,6 +476,7 @@ def test_a_redis_wait_survives_the_loss_of_its_listening_connection(tmp_path: Pa
         assert time.monotonic() - started < 1.0  # not the 5 s it would wait for a lost wake-up
         assert store.notified_row("t") is None and store.read(["t"])[0]["result"] == "7"
         store.published("u")  # and the next task is subscribed to again
+        until_subscribed(store, "u")
         store.write([change("u", "SUCCESS", 0, submitted_at=time.time(), result="8")])
         assert store.wait_for_outcome("u", 5.0, lambda _: False)
         assert (store.notified_row("u") or {}).get("result") == "8"
