@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from celery_tq.registry import Registry, Store, store_for_url
 from celery_tq.registry.record import change
 from tests.private_redis import PrivateRedis
 from tests.registry_support import STORE_KINDS, pg_url, store_url
+from tests.waiting import wait_for
 
 __all__ = ["pg_url"]  # the fixture, used through store_url
 
@@ -364,10 +367,25 @@ def until_subscribed(store: Any, task_id: str) -> None:
     time; a test that writes the outcome at once must wait, or the outcome's ``PUBLISH`` (on
     another connection) can reach Redis first."""
     channel = store._done(task_id)
-    deadline = time.monotonic() + 5.0
-    while dict(store.client.pubsub_numsub(channel)).get(channel.encode(), 0) < 1:
-        assert time.monotonic() < deadline, "the subscription never reached Redis"
-        time.sleep(0.005)
+    wait_for(
+        lambda: dict(store.client.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1,
+        timeout=5.0,
+        what=f"Redis to take the subscription to {channel}",
+        interval=0.005,
+    )
+
+
+@contextlib.contextmanager
+def registry_session(pg_url: str) -> Iterator[tuple[Any, str]]:
+    """A session of the test's own (autocommit, in its schema) and the registry's notification
+    channel there."""
+    import psycopg
+
+    from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL
+
+    schema = pg_url.rsplit("%3D", 1)[1]
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True, options=f"-csearch_path={schema}") as conn:
+        yield conn, conn.execute(f"SELECT {NOTIFY_CHANNEL_SQL}").fetchone()[0]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "redis"])
@@ -452,9 +470,9 @@ def test_a_redis_client_that_sends_without_waiting_subscribes_to_one_task_ahead_
     store.published("last")
     assert store._expected == "last"
     assert store.wait_for_outcome("t151", 1.0, is_ready) and reads == ["t150", "t151"]
-    deadline = time.monotonic() + 5.0  # UNSUBSCRIBE is sent without waiting for Redis's answer
-    while store.client.pubsub_channels(store._done("last")) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(  # UNSUBSCRIBE is sent without waiting for Redis's answer
+        lambda: not store.client.pubsub_channels(store._done("last")), timeout=5.0, interval=0.01
+    )
     assert store.client.pubsub_channels(store._done("last")) == []  # the wait for t151 ended it
     assert store.client.pubsub_channels(channels) == []
 
@@ -543,17 +561,12 @@ def test_a_process_that_stops_waiting_stops_listening_so_it_cannot_hold_postgres
 ) -> None:
     """A listening session that nobody reads would keep PostgreSQL's notification queue from its
     position on, until the queue is full and every outcome write of the registry fails."""
-    import psycopg
-
     from celery_tq.registry.sql import SqlStore
-    from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL
 
     store = store_for_url(pg_url)
     assert isinstance(store, SqlStore)
     store.listener.idle = 0.5
-    schema = pg_url.rsplit("%3D", 1)[1]
-    with psycopg.connect(pg_url.split("?")[0], autocommit=True, options=f"-csearch_path={schema}") as admin:
-        channel = admin.execute(f"SELECT {NOTIFY_CHANNEL_SQL}").fetchone()[0]  # type: ignore[index]
+    with registry_session(pg_url) as (admin, channel):
 
         def listening() -> list[int]:
             rows = admin.execute(
@@ -561,27 +574,25 @@ def test_a_process_that_stops_waiting_stops_listening_so_it_cannot_hold_postgres
             ).fetchall()
             return [int(r[0]) for r in rows]
 
-        def wait_for(task_id: str) -> float:
+        def wait_for_task(task_id: str) -> float:
             began = time.monotonic()
             assert store.wait_for_outcome(task_id, 10.0, lambda t: store.read([t])[0] is not None)
             return time.monotonic() - began
 
         now = time.time()
         store.write([change("first", "SUCCESS", 0, submitted_at=now, result="1")])
-        wait_for("first")
+        wait_for_task("first")
         session = listening()
         assert len(session) == 1
         for i in range(6):  # a process that keeps waiting keeps its session
             time.sleep(0.2)
             store.write([change(f"kept{i}", "SUCCESS", 0, submitted_at=now, result="1")])
-            wait_for(f"kept{i}")
+            wait_for_task(f"kept{i}")
         assert listening() == session
         store.write([change(f"nobody{i}", "SUCCESS", 0, submitted_at=now, result="1") for i in range(500)])
-        deadline = time.monotonic() + 10
-        while listening() and time.monotonic() < deadline:  # idle: the session goes
-            time.sleep(0.1)
+        wait_for(lambda: not listening(), timeout=10, what="the idle session to close", interval=0.1)
         assert listening() == []
-        waiter = threading.Thread(target=wait_for, args=("later",))
+        waiter = threading.Thread(target=wait_for_task, args=("later",))
         waiter.start()  # the next wait listens again and is woken as before
         time.sleep(0.3)
         store.write([change("later", "SUCCESS", 0, submitted_at=now, result="2")])
@@ -609,7 +620,7 @@ def test_a_forked_child_closing_its_copy_of_a_store_leaves_the_parents_sessions_
             return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
 
     sessions = (
-        store.direct.run(lambda c: c.info.backend_pid),  # type: ignore[attr-defined]
+        store.direct.run(lambda c: c.info.backend_pid),
         store.listener._conn.info.backend_pid,
         pooled_session(),
     )
@@ -626,7 +637,7 @@ def test_a_forked_child_closing_its_copy_of_a_store_leaves_the_parents_sessions_
     assert os.waitstatus_to_exitcode(status) == 0
 
     store.write([change("after", "SUCCESS", 0, submitted_at=now, result="2")])  # same write session
-    assert store.direct.run(lambda c: c.info.backend_pid) == sessions[0]  # type: ignore[attr-defined]
+    assert store.direct.run(lambda c: c.info.backend_pid) == sessions[0]
     assert registry.get("after").result == 2  # type: ignore[union-attr]
     assert pooled_session() == sessions[2]
     waiter = threading.Thread(target=store.wait_for_outcome, args=("woken", 10.0, lambda t: False))
@@ -643,14 +654,10 @@ def test_postgresql_notifies_a_write_that_ends_a_task_and_not_a_late_queued_row(
     """A client's QUEUED row merged after its task ended (short tasks: the client writes QUEUED
     in batches, a moment later) changes no outcome: it wakes no listener again, as on Redis,
     whose store publishes only a change that is itself terminal."""
-    import psycopg
-
-    from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL, notice_id
+    from celery_tq.registry.sql_merge import notice_id
 
     store = store_for_url(pg_url)
-    schema = pg_url.rsplit("%3D", 1)[1]
-    with psycopg.connect(pg_url.split("?")[0], autocommit=True, options=f"-csearch_path={schema}") as ear:
-        channel = ear.execute(f"SELECT {NOTIFY_CHANNEL_SQL}").fetchone()[0]  # type: ignore[index]
+    with registry_session(pg_url) as (ear, channel):
         ear.execute(f'LISTEN "{channel}"')
         now = time.time()
         store.write([change("short", "SUCCESS", 0, submitted_at=now, finished_at=now + 1, result="1")])
