@@ -93,13 +93,12 @@ def writer(url: str, size: int, seconds: float, results: Any) -> None:
 def concurrent(url: str, writers: list[int], sizes: list[int], seconds: float, rounds: int) -> None:
     import multiprocessing
 
-    import psycopg
-
+    from celery_tq.registry.sql import SqlStore
     from celery_tq.registry.sql_merge import NOTIFY_CHANNEL_SQL
 
-    listener = psycopg.connect(PG, autocommit=True, options=f"-csearch_path={url.rsplit('%3D', 1)[1]}")
-    channel = listener.execute(f"SELECT {NOTIFY_CHANNEL_SQL}").fetchone()
-    listener.execute(f'LISTEN "{channel[0] if channel else ""}"')
+    store = store_for_url(url)
+    assert isinstance(store, SqlStore)
+    listener = store.direct.open_listener(NOTIFY_CHANNEL_SQL)  # as a client in get() listens
     rates: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
     try:
         for _ in range(rounds):
