@@ -12,7 +12,8 @@ How far plain Celery's rounds lie apart is printed too: a busy machine slows pla
 than celery-tq, so the ratios of a noisy run flatter celery-tq (docs/benchmarks.md, Registry).
 
 Latency: ``apply_async`` p50/p99 with no worker running (the client's cost of a call: QUEUED
-record and task-sent event included) and the ``apply_async(...).get()`` round trip p50/p99 of one
+record included; no monitor listens, so celery-tq sends no task-sent event: README, "How task
+events reach Flower") and the ``apply_async(...).get()`` round trip p50/p99 of one
 task at a time with an idle worker; celery-tq on the stock ``redis://`` broker (only the registry
 and the publish hook differ from plain Celery) and on ``tq+redis://``, which the production preset
 uses on Redis.
@@ -395,8 +396,8 @@ def main() -> None:
         ]
         print(
             f"\nlatency: {args.calls} apply_async calls and {args.trips} apply_async().get() round trips"
-            " per configuration, all configurations interleaved call by call (ms; overhead: median of"
-            " the paired differences with plain Celery)"
+            " per configuration, the calls interleaved call by call, the round trips in alternating blocks"
+            " (ms; overhead: median of the paired differences with plain Celery)"
         )
         publish, trip = latency(lat, args.calls, args.trips, workdir, pg)
         print("| configuration | apply_async p50 | p99 | overhead | .get() round trip p50 | p99 | overhead |")

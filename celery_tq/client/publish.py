@@ -6,7 +6,8 @@ name, retries) ends in ``app.amqp.send_task_message``; the app's sender is wrapp
 metadata once, stamps it into the headers (:func:`celery_tq.metadata.stamp`), marks the publish
 as this app's for the registry's ``after_task_publish`` handler and sends the task with its
 ``task-sent`` event in one batch (:mod:`celery_tq.client.batch`), so all of them mean the same
-thing on every broker.
+thing on every broker. On Redis the event is left out while no monitor listens
+(:mod:`celery_tq.client.watched_sent`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kombu.exceptions import EncodeError
 from celery_tq import celery_seam
 from celery_tq.client.batch import send_batched
 from celery_tq.client.limits import check_message
+from celery_tq.client.watched_sent import SentEvents
 from celery_tq.errors import InvalidInput
 from celery_tq.metadata import CALL_METADATA, MAX_PRIORITY, TaskMetadata, stamp
 from celery_tq.routing import to_broker_priority
@@ -40,8 +42,10 @@ def _defaults_for(app: Celery, name: str) -> TaskMetadata:
 
 
 def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
+    sent_events = SentEvents(app, settings.pause_unwatched_events)
+
     def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:
-        headers, _properties, body, sent_event = message
+        headers, properties, body, sent_event = message
         check_message(
             name,
             {**headers, **(options.get("headers") or {})},
@@ -64,6 +68,8 @@ def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
             headers["kwargsrepr"] = kwargsrepr
             if sent_event:
                 sent_event["kwargs"] = kwargsrepr
+        if sent_event and not sent_events.wanted(producer):
+            message = (headers, properties, body, None)  # no monitor listens (Redis)
         driver = producer.connection.transport.driver_type
         # A run whose process died is re-sent one level up, so it does not queue behind its peers
         # (the task's own priority, in its headers and record, stays as it was).

@@ -80,9 +80,10 @@ def test_task_and_sent_event_arrive_and_are_recorded(
     while time.monotonic() < deadline and not sent:
         message = listener.get_message(timeout=0.5)
         if message and message["type"] == "pmessage":
-            event = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
-            if event["type"] == "task-sent" and event["uuid"] == result.id:
-                sent.append(event)
+            body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+            for event in body if isinstance(body, list) else [body]:  # a list: a batch (the probe's: [])
+                if event["type"] == "task-sent" and event["uuid"] == result.id:
+                    sent.append(event)
     assert sent, "no task-sent event"
     assert state_of(app, result.id) == "QUEUED"
     listener.close()

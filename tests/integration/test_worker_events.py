@@ -10,17 +10,16 @@ pauses its task events; one that connects sees them again at once (``wakeup``, a
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from celery import Celery
 from kombu import Connection, Producer
 
 from celery_tq.worker.events import unconfirm
+from tests.event_monitor import EventMonitor
 from tests.integration.conftest import Shop, _shop
 from tests.waiting import wait_for
 
@@ -49,47 +48,11 @@ def test_unconfirm_leaves_producers_without_confirms_alone(rabbitmq_vhost: str) 
         producer.publish({"n": 1}, routing_key="tq-nowhere")
 
 
-class _Monitor:
-    """A task-event monitor in a thread, as a context manager; ``seen[type]`` = task ids."""
-
-    def __init__(self, app: Celery, wakeup: bool) -> None:
-        self.seen: dict[str, set[str]] = {}
-        self.ready, self.stop = threading.Event(), threading.Event()
-        self.app, self.wakeup = app, wakeup
-        self.thread = threading.Thread(target=self._capture, daemon=True)
-
-    def _capture(self) -> None:
-        def on_event(event: dict[str, Any]) -> None:
-            if "uuid" in event:
-                self.seen.setdefault(event["type"], set()).add(event["uuid"])
-
-        with self.app.connection_for_read() as conn:
-            receiver = self.app.events.Receiver(conn, handlers={"*": on_event})
-            receiver.on_iteration = lambda: (
-                self.ready.set(),
-                setattr(receiver, "should_stop", self.stop.is_set()),
-            )
-            receiver.capture(limit=None, timeout=None, wakeup=self.wakeup)  # drains until should_stop
-
-    def __enter__(self) -> _Monitor:
-        self.thread.start()
-        assert self.ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
-
-    def saw_all_events_of(self, ids: list[str]) -> bool:
-        kinds = ("task-received", "task-started", "task-succeeded")
-        return all(set(ids) <= self.seen.get(kind, set()) for kind in kinds)
-
-
 def test_a_monitor_sees_every_task_event_of_a_confirming_worker_even_at_shutdown(
     rabbitmq_shop: Shop,
 ) -> None:
     app = rabbitmq_shop.app
-    with _Monitor(app, wakeup=False) as monitor:
+    with EventMonitor(app, wakeup=False) as monitor:
         seen = monitor.seen
         conf = {"broker_transport_options": {"confirm_publish": True}, "tq_event_flush_interval": 3.0}
         worker = rabbitmq_shop.start_worker(env={"TQSHOP_CONF": json.dumps(conf)})
@@ -131,14 +94,14 @@ def test_task_events_pause_with_no_monitor_and_resume_when_one_connects(watched_
     wait_for(lambda: PAUSED in worker.log, 10, "events paused")  # the first heartbeat found no listener
     _run(app, 5)
 
-    with _Monitor(app, wakeup=True) as flower_like:  # Flower and `celery events` ask for a heartbeat
+    with EventMonitor(app, wakeup=True) as flower_like:  # Flower and `celery events` ask for a heartbeat
         wait_for(lambda: RESUMED in worker.log, 5, "events resumed")
         ids = _run(app, 10)
         wait_for(lambda: flower_like.saw_all_events_of(ids), 20, "the monitor to see every event")
 
     wait_for(lambda: worker.log.count(PAUSED) == 2, 10, "events paused again")  # the monitor left
     _run(app, 5)
-    with _Monitor(app, wakeup=False) as plain_queue:  # no wakeup: the next heartbeat finds it
+    with EventMonitor(app, wakeup=False) as plain_queue:  # no wakeup: the next heartbeat finds it
         wait_for(lambda: worker.log.count(RESUMED) == 2, 10, "events resumed again")
         ids = _run(app, 10)
         wait_for(lambda: plain_queue.saw_all_events_of(ids), 20, "the plain queue to see every event")
@@ -151,7 +114,7 @@ def test_task_events_stay_on_when_pausing_is_turned_off(rabbitmq_shop: Shop) -> 
     worker = rabbitmq_shop.start_worker(env={"TQSHOP_CONF": json.dumps(conf)})
     _run(app, 3)
     time.sleep(5)  # two heartbeats with nobody listening
-    with _Monitor(app, wakeup=False) as monitor:
+    with EventMonitor(app, wakeup=False) as monitor:
         ids = _run(app, 5)
         wait_for(lambda: monitor.saw_all_events_of(ids), 20, "the monitor to see every event")
     assert PAUSED not in worker.log
