@@ -6,6 +6,8 @@ subscribers present are the test's own.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import celery_tq
 from celery_tq import TqTask
 from celery_tq.client.watched_sent import PROBE_EVERY
 from tests.event_monitor import EventMonitor
+from tests.integration.test_publish_batch import queued_ids
 from tests.private_redis import PrivateRedis
 from tests.waiting import wait_for
 
@@ -130,4 +133,24 @@ def test_task_sent_events_stay_on_when_pausing_is_turned_off(broker: PrivateRedi
     for i in range(10):
         noop.apply_async((i,))
     assert publishes(broker) - before == 10  # one task-sent event per call, nobody listening
+    app.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "tq+redis"])
+def test_a_call_whose_probe_finds_the_broker_down_is_sent_once_when_it_is_back(
+    broker: PrivateRedis, tmp_path: Path, scheme: str
+) -> None:
+    app = make_app(f"{scheme}://127.0.0.1:{broker.port}/0", tmp_path)
+    noop = app.tasks["sent.noop"]
+    noop.apply_async((0,))  # probed: nobody listens
+    broker.kill()
+    time.sleep(PROBE_EVERY)  # the next call probes, and finds no broker
+    restart = threading.Timer(1.0, broker.start)
+    restart.start()
+    try:
+        result = noop.apply_async((1,), retry=True, retry_policy={"max_retries": 20, "interval_step": 0.2})
+    finally:
+        restart.join()
+    assert queued_ids(broker) == [result.id]
+    assert recorded(app, result.id) == "QUEUED"
     app.close()
