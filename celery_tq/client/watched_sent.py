@@ -1,23 +1,25 @@
-"""``task-sent`` events only while a monitor listens (Redis): the client's half of
+"""``task-sent`` events only while a monitor listens: the client's half of
 :mod:`celery_tq.worker.watched_events`.
 
 With ``task_send_sent_event`` on (the presets turn it on for Flower), every ``apply_async`` builds,
-encodes and publishes a ``task-sent`` event. Batched with its task (:mod:`.batch`) the event costs
-no round trip of its own, but it is most of what celery-tq adds to a call, and it delays the task's
-message, which leaves with it (``benchmarks/registry.py``: the call's overhead against plain
-Celery dropped from about +0.09 ms to zero, and the round trips with it). On Redis nothing keeps
-an event that nobody subscribes to.
+encodes and publishes a ``task-sent`` event. On Redis, batched with its task (:mod:`.batch`), the
+event costs no round trip of its own, but it is most of what celery-tq adds to a call, and the
+task's message leaves only with it; on RabbitMQ with publisher confirms (the production preset)
+it waits for a confirm of its own, a second round trip per call. Nothing keeps an event that
+nobody consumes.
 
-So on Redis transports (``redis://``, ``sentinel://``, ``tq+redis://``) a client process asks at
-most once per :data:`PROBE_EVERY` seconds, in the call that finds the answer stale, whether a task
-event monitor listens: it publishes an empty batch of task events (``[]`` on ``task.multi``, which
-a receiver processes as nothing, as the worker's probe does) and reads how many subscribers got it
-(Redis PUBLISH answers that). With none, its calls send no ``task-sent`` event until a probe finds
-one, so a monitor that connects (Flower, ``celery events``) sees ``task-sent`` events from within
-:data:`PROBE_EVERY` seconds, and a task sent just before it from the worker's ``task-received`` on.
-The registry records every task's ``QUEUED`` either way. On other transports (RabbitMQ publishes an
-event without waiting for the broker; the embedded broker), when a probe fails, and with
-``tq_pause_unwatched_events = False``, every call sends its event, as Celery does.
+So on Redis transports (``redis://``, ``sentinel://``, ``tq+redis://``) and on RabbitMQ with
+confirms, a client process asks at most once per :data:`PROBE_EVERY` seconds, in the call that
+finds the answer stale, whether a task-event monitor listens: it publishes an empty batch of task
+events (``[]`` on ``task.multi``, which a receiver processes as nothing, as the worker's probe
+does) and reads how many subscribers got it (Redis PUBLISH answers that) or whether RabbitMQ
+returned it as unroutable (a mandatory publish, returned before its confirm). With nobody
+listening, its calls send no ``task-sent`` event until a probe finds a monitor, so one that
+connects (Flower, ``celery events``) sees ``task-sent`` events from within :data:`PROBE_EVERY`
+seconds, and a task sent just before it from the worker's ``task-received`` on. The registry
+records every task's ``QUEUED`` either way. On RabbitMQ without confirms (an event costs no round
+trip there) and the embedded broker, when a probe fails, and with ``tq_pause_unwatched_events =
+False``, every call sends its event, as Celery does.
 """
 
 from __future__ import annotations
@@ -67,13 +69,35 @@ class SentEvents:
         return watched
 
     def _probe(self, producer: Any) -> bool:
-        """True unless an empty task-event batch on ``producer``'s Redis channel reached nobody."""
-        if producer.connection.transport.driver_type != "redis":
-            return True
+        """True unless an empty batch of task events published on ``producer``'s channel reached
+        nobody: Redis PUBLISH counts the subscribers; RabbitMQ returns a mandatory message no queue
+        took before it confirms it."""
+        driver = producer.connection.transport.driver_type
         channel: Any = maybe_channel(producer.channel)
-        if not hasattr(channel, "tq_fanout_receivers") and not celery_seam.count_fanout_receivers(channel):
-            return True  # not kombu's Redis channel: nothing to learn from
-        channel.tq_fanout_receivers = None
+        if driver == "redis":
+            if not hasattr(channel, "tq_fanout_receivers") and not celery_seam.count_fanout_receivers(
+                channel
+            ):
+                return True  # not kombu's Redis channel: nothing to learn from
+            channel.tq_fanout_receivers = None
+            self._publish_empty_batch(producer)
+            receivers = channel.tq_fanout_receivers
+            return receivers is None or int(receivers) > 0
+        if driver == "amqp" and _waits_for_confirms(channel):
+            returned: list[object] = []
+
+            def on_return(*args: Any) -> None:
+                returned.append(args)
+
+            channel.events["basic_return"].add(on_return)
+            try:
+                self._publish_empty_batch(producer, mandatory=True)  # returned, then confirmed
+            finally:
+                channel.events["basic_return"].discard(on_return)
+            return not returned
+        return True  # an event costs no round trip here (or nothing tells): Celery's way
+
+    def _publish_empty_batch(self, producer: Any, **options: Any) -> None:
         conf = self.app.conf
         exchange = get_exchange(producer.connection, name=conf.event_exchange)
         producer.publish(
@@ -84,6 +108,11 @@ class SentEvents:
             serializer=conf.event_serializer,
             delivery_mode="transient",
             retry=False,
+            **options,
         )
-        receivers = channel.tq_fanout_receivers
-        return receivers is None or int(receivers) > 0
+
+
+def _waits_for_confirms(channel: Any) -> bool:
+    """Whether a py-amqp channel's publish waits for the broker's confirm (``confirm_publish``)."""
+    confirmed = getattr(channel, "basic_publish_confirm", None)
+    return confirmed is not None and getattr(channel, "basic_publish", None) == confirmed

@@ -57,9 +57,10 @@ def state_of(app: Celery, task_id: str, timeout: float = 10) -> str | None:
     return None
 
 
-def queued_ids(server: PrivateRedis) -> list[str]:
+def queued_ids(server: PrivateRedis, queue: str = "tq.default") -> list[str]:
+    """The ids of the messages waiting in ``queue`` (its priority lists included)."""
     client = redis.Redis(port=server.port)
-    queues = client.keys("tq.default*")
+    queues = client.keys(f"{queue}*")
     ids = [json.loads(raw)["headers"]["id"] for key in queues for raw in client.lrange(key, 0, -1)]
     client.close()
     return ids

@@ -1,7 +1,9 @@
-"""On Redis a client sends ``task-sent`` events only while a task-event monitor listens.
+"""A client sends ``task-sent`` events only while a task-event monitor listens: on Redis, and on
+RabbitMQ where publishes wait for confirms (the production preset).
 
-Each test runs its own redis-server, so the number of PUBLISH commands the client sent and the
-subscribers present are the test's own.
+Each Redis test runs its own redis-server, so the number of PUBLISH commands the client sent and
+the subscribers present are the test's own. On RabbitMQ a queue bound to ``task.sent`` alone sees
+the events without being a monitor (a monitor takes every task event, ``task.multi`` included).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
+from kombu import Connection, Exchange, Queue
 
 import celery_tq
 from celery_tq import TqTask
@@ -34,10 +37,13 @@ def broker(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 def make_app(broker_url: str, tmp_path: Path, **conf: object) -> Celery:
-    app = Celery(f"sent{uuid.uuid4().hex[:6]}")
+    name = f"sent{uuid.uuid4().hex[:6]}"
+    app = Celery(name)
     celery_tq.install(app, preset="production")
     app.conf.update(
         broker_url=broker_url,
+        task_default_queue=name,  # a queue of the test's own (the RabbitMQ vhost is the session's)
+        tq_default_queue=name,
         result_backend=f"tq+sqlite:///{tmp_path / 'registry.db'}",
         broker_connection_retry_on_startup=True,
         **conf,
@@ -151,6 +157,69 @@ def test_a_call_whose_probe_finds_the_broker_down_is_sent_once_when_it_is_back(
         result = noop.apply_async((1,), retry=True, retry_policy={"max_retries": 20, "interval_step": 0.2})
     finally:
         restart.join()
-    assert queued_ids(broker) == [result.id]
+    assert queued_ids(broker, app.conf.task_default_queue) == [result.id]
     assert recorded(app, result.id) == "QUEUED"
     app.close()
+
+
+def sent_only_queue(url: str) -> Queue:
+    """A queue on ``url``'s vhost that gets ``task-sent`` events and nothing else (not a monitor)."""
+    queue = Queue(
+        f"sent-only-{uuid.uuid4().hex[:8]}", Exchange("celeryev", type="topic"), routing_key="task.sent"
+    )
+    with Connection(url) as conn:
+        queue.bind(conn.default_channel).declare()
+    return queue
+
+
+def messages_in(url: str, queue: Queue) -> int:
+    with Connection(url) as conn:
+        return int(queue.bind(conn.default_channel).queue_declare(passive=True).message_count)
+
+
+def delete(url: str, app: Celery, queue: Queue) -> None:
+    """Delete the observer and the queue the test's tasks went to."""
+    with Connection(url) as conn:
+        queue.bind(conn.default_channel).delete()
+        conn.default_channel.queue_delete(app.conf.task_default_queue)
+
+
+def test_on_rabbitmq_with_confirms_no_task_sent_event_while_no_monitor_listens(
+    rabbitmq_vhost: str, tmp_path: Path
+) -> None:
+    app = make_app(rabbitmq_vhost, tmp_path)  # the production preset: publisher confirms
+    observer = sent_only_queue(rabbitmq_vhost)
+    try:
+        ids = [app.tasks["sent.noop"].apply_async((i,)).id for i in range(10)]
+        assert messages_in(rabbitmq_vhost, observer) == 0
+        assert [recorded(app, task_id) for task_id in ids] == ["QUEUED"] * 10
+    finally:
+        delete(rabbitmq_vhost, app, observer)
+        app.close()
+
+
+def test_on_rabbitmq_a_listening_monitor_gets_every_task_sent_event(
+    rabbitmq_vhost: str, tmp_path: Path
+) -> None:
+    app = make_app(rabbitmq_vhost, tmp_path)
+    observer = sent_only_queue(rabbitmq_vhost)
+    try:
+        with EventMonitor(app, wakeup=False) as monitor:
+            ids = [app.tasks["sent.noop"].apply_async((i,)).id for i in range(10)]
+            wait_for(lambda: set(ids) <= monitor.seen.get("task-sent", set()), 10, "every task-sent event")
+        wait_for(lambda: messages_in(rabbitmq_vhost, observer) == 10, 10, "the events in the sent-only queue")
+    finally:
+        delete(rabbitmq_vhost, app, observer)
+        app.close()
+
+
+def test_on_rabbitmq_without_confirms_every_call_sends_its_event(rabbitmq_vhost: str, tmp_path: Path) -> None:
+    app = make_app(rabbitmq_vhost, tmp_path, broker_transport_options={})  # an event costs no round trip
+    observer = sent_only_queue(rabbitmq_vhost)
+    try:
+        for i in range(10):
+            app.tasks["sent.noop"].apply_async((i,))
+        wait_for(lambda: messages_in(rabbitmq_vhost, observer) == 10, 10, "one task-sent event per call")
+    finally:
+        delete(rabbitmq_vhost, app, observer)
+        app.close()
