@@ -16,8 +16,9 @@ broadcasts ``heartbeat`` to the workers at once, so it sees task events from wit
 of connecting; any other consumer of the event exchange within one heartbeat interval.
 
 On Redis (``tq+redis://``, ``redis://``, ``sentinel://``) events go out by PUBLISH, which
-answers how many subscribers got the message. After each worker event the probe publishes an
-empty batch of task events (``[]`` on the ``task.multi`` routing key: a receiver processes
+answers how many subscribers got the message. When the step starts (Celery has sent
+``worker-online`` by then) and after each worker event the probe publishes an empty batch of task
+events (``[]`` on the ``task.multi`` routing key: a receiver processes
 nothing) and reads that number: only task event monitors subscribe to it (other workers' gossip
 subscribes to ``worker.*`` alone, when kombu's ``fanout_patterns`` is on, its default; with it
 off every worker counts and events stay on).
@@ -69,13 +70,19 @@ class _Probe:
         try:
             routed = self._probe(event, producer, routing_key, args, kwargs)
         except Exception as exc:  # any failure: stay on, publish as Celery would
-            logger.debug("task event probe failed (%r); task events stay on", exc)
-            self.producer = None  # a late confirm must not answer the next probe: a new channel
-            self.resume_probing_at = time.monotonic() + BACKOFF
-            self._set_watched(True, failed=exc)
+            self._failed(exc)
             return self.publish_plain(event, producer, routing_key, *args, **kwargs)
         self._set_watched(routed)
         return None
+
+    def check(self) -> None:
+        """Probe at start, without a worker event (RabbitMQ: nothing; its probe is the heartbeat)."""
+
+    def _failed(self, exc: BaseException) -> None:
+        logger.debug("task event probe failed (%r); task events stay on", exc)
+        self.producer = None  # a late confirm must not answer the next probe: a new channel
+        self.resume_probing_at = time.monotonic() + BACKOFF
+        self._set_watched(True, failed=exc)
 
     def _probe(self, event: Any, producer: Any, routing_key: str, args: Any, kwargs: Any) -> bool:
         """Publish ``event`` mandatory and confirmed; True if a queue took it (RabbitMQ)."""
@@ -132,7 +139,23 @@ class _CountingProbe(_Probe):
     """Redis: the worker event goes as Celery sends it; then an empty task-event batch
     is published and the number of subscribers that got it decides."""
 
+    def check(self) -> None:
+        """Probe once now, with the empty batch alone: a worker that starts while nobody listens
+        pauses its task events at once instead of at its first heartbeat, 2 s later (Celery sends
+        ``worker-online`` before this step starts)."""
+        try:
+            watched = self._probe_empty()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._set_watched(watched)
+
     def _probe(self, event: Any, producer: Any, routing_key: str, args: Any, kwargs: Any) -> bool:
+        watched = self._probe_empty()
+        self.publish_plain(event, producer, routing_key, *args, **kwargs)
+        return watched
+
+    def _probe_empty(self) -> bool:
         dispatcher = self.dispatcher
         channel = dispatcher.producer.channel
         channel.tq_fanout_receivers = None
@@ -148,7 +171,6 @@ class _CountingProbe(_Probe):
         receivers = channel.tq_fanout_receivers
         if receivers is None:
             raise RuntimeError("the transport did not report the number of receivers")
-        self.publish_plain(event, producer, routing_key, *args, **kwargs)
         return int(receivers) > 0
 
 
@@ -175,6 +197,7 @@ class WatchedEvents(bootsteps.StartStopStep):
             self.probe = _Probe(dispatcher)  # py-amqp: a mandatory, confirmed publish
         else:
             return  # nothing to learn from: events stay on
+        self.probe.check()
 
     def stop(self, c: Any) -> None:
         # The probe channel closes with the dispatcher's connection (Celery's Events step closes

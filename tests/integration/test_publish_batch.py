@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -66,6 +67,19 @@ def queued_ids(server: PrivateRedis, queue: str = "tq.default") -> list[str]:
     return ids
 
 
+def send_across_a_restart(broker: PrivateRedis, task: Any, down_for: float = 0.0) -> Any:
+    """Kill the broker and send ``task`` with Celery's retries while it is down: the call starts
+    ``down_for`` s after the kill, the broker starts again 1 s after that."""
+    broker.kill()
+    time.sleep(down_for)
+    restart = threading.Timer(1.0, broker.start)
+    restart.start()
+    try:
+        return task.apply_async((1,), retry=True, retry_policy={"max_retries": 20, "interval_step": 0.2})
+    finally:
+        restart.join()
+
+
 @pytest.mark.parametrize("scheme", ["redis", "tq+redis"])
 def test_task_and_sent_event_arrive_and_are_recorded(
     broker: PrivateRedis, tmp_path: Path, scheme: str
@@ -115,13 +129,7 @@ def test_a_broker_that_comes_back_gets_the_message_once(
     app = make_app(f"{scheme}://127.0.0.1:{broker.port}/0", tmp_path)
     noop = app.tasks["batch.noop"]
     noop.apply_async((0,))
-    broker.kill()
-    restart = threading.Timer(1.0, broker.start)
-    restart.start()
-    try:
-        result = noop.apply_async((1,), retry=True, retry_policy={"max_retries": 20, "interval_step": 0.2})
-    finally:
-        restart.join()
+    result = send_across_a_restart(broker, noop)
     assert queued_ids(broker) == [result.id]
     assert state_of(app, result.id) == "QUEUED"
     app.close()

@@ -8,8 +8,6 @@ the events without being a monitor (a monitor takes every task event, ``task.mul
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import celery_tq
 from celery_tq import TqTask
 from celery_tq.client.watched_sent import PROBE_EVERY
 from tests.event_monitor import EventMonitor
-from tests.integration.test_publish_batch import queued_ids
+from tests.integration.test_publish_batch import queued_ids, send_across_a_restart
 from tests.private_redis import PrivateRedis
 from tests.waiting import wait_for
 
@@ -149,14 +147,7 @@ def test_a_call_whose_probe_finds_the_broker_down_is_sent_once_when_it_is_back(
     app = make_app(f"{scheme}://127.0.0.1:{broker.port}/0", tmp_path)
     noop = app.tasks["sent.noop"]
     noop.apply_async((0,))  # probed: nobody listens
-    broker.kill()
-    time.sleep(PROBE_EVERY)  # the next call probes, and finds no broker
-    restart = threading.Timer(1.0, broker.start)
-    restart.start()
-    try:
-        result = noop.apply_async((1,), retry=True, retry_policy={"max_retries": 20, "interval_step": 0.2})
-    finally:
-        restart.join()
+    result = send_across_a_restart(broker, noop, down_for=PROBE_EVERY)  # its probe finds no broker
     assert queued_ids(broker, app.conf.task_default_queue) == [result.id]
     assert recorded(app, result.id) == "QUEUED"
     app.close()

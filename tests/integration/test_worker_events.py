@@ -10,11 +10,13 @@ pauses its task events; one that connects sees them again at once (``wakeup``, a
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 from kombu import Connection, Producer
 
@@ -106,6 +108,39 @@ def test_task_events_pause_with_no_monitor_and_resume_when_one_connects(watched_
         ids = _run(app, 10)
         wait_for(lambda: plain_queue.saw_all_events_of(ids), 20, "the plain queue to see every event")
     assert "Traceback" not in worker.log
+
+
+@pytest.fixture(params=["tq+redis", "redis"])
+def redis_watched_shop(request: pytest.FixtureRequest, data_dir: str) -> Iterator[Shop]:
+    yield from _shop(request.param, request, Path(data_dir))
+
+
+def test_a_worker_that_starts_with_nobody_listening_publishes_no_task_event(
+    redis_watched_shop: Shop,
+) -> None:
+    """Paused from the start (not from its first heartbeat, 2 s later): Redis MONITOR, which
+    subscribes to nothing, sees every task-event batch the worker publishes."""
+    shop = redis_watched_shop
+    channel = f"/{shop.broker_url.rsplit('/', 1)[1]}.celeryev/task.multi"
+    batches: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(shop.broker_url.removeprefix("tq+")).monitor() as monitor:
+            watching.set()
+            while watching.is_set():
+                command = monitor.next_command()["command"]
+                if channel in command and '"body": "W10="' not in command:  # W10= is [], a probe
+                    batches.append(command)
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert watching.wait(5)
+    worker = shop.start_worker()
+    ids = _run(shop.app, 10)
+    time.sleep(0.5)  # a worker sends its batch of task events within 0.1 s
+    watching.clear()
+    assert batches == [], f"{len(batches)} task-event batches published for {len(ids)} tasks"
+    assert PAUSED in worker.log
 
 
 def test_task_events_stay_on_when_pausing_is_turned_off(rabbitmq_shop: Shop) -> None:
