@@ -2,6 +2,6 @@
 
 ``publish`` is the one publish hook (metadata, broker priority, time limits, kwargsrepr),
 ``batch`` sends a task and its ``task-sent`` event in one round trip, ``watched_sent`` leaves that
-event out on Redis while no monitor listens, ``limits`` refuses a message too large or with ids a
-store cannot hold before anything is sent.
+event out while no monitor listens (Redis, RabbitMQ with confirms), ``limits`` refuses a message
+too large or with ids a store cannot hold before anything is sent.
 """

@@ -6,8 +6,8 @@ name, retries) ends in ``app.amqp.send_task_message``; the app's sender is wrapp
 metadata once, stamps it into the headers (:func:`celery_tq.metadata.stamp`), marks the publish
 as this app's for the registry's ``after_task_publish`` handler and sends the task with its
 ``task-sent`` event in one batch (:mod:`celery_tq.client.batch`), so all of them mean the same
-thing on every broker. On Redis the event is left out while no monitor listens
-(:mod:`celery_tq.client.watched_sent`).
+thing on every broker. On Redis, and on RabbitMQ with publisher confirms, the event is left out
+while no monitor listens (:mod:`celery_tq.client.watched_sent`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _with_metadata(app: Celery, settings: TqSettings, send: Sender) -> Sender:
             if sent_event:
                 sent_event["kwargs"] = kwargsrepr
         if sent_event and not sent_events.wanted(producer):
-            message = (headers, properties, body, None)  # no monitor listens (Redis)
+            message = (headers, properties, body, None)  # nobody listens: no task-sent event
         driver = producer.connection.transport.driver_type
         # A run whose process died is re-sent one level up, so it does not queue behind its peers
         # (the task's own priority, in its headers and record, stays as it was).

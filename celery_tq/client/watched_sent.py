@@ -75,9 +75,8 @@ class SentEvents:
         driver = producer.connection.transport.driver_type
         channel: Any = maybe_channel(producer.channel)
         if driver == "redis":
-            if not hasattr(channel, "tq_fanout_receivers") and not celery_seam.count_fanout_receivers(
-                channel
-            ):
+            counting = hasattr(channel, "tq_fanout_receivers")  # set up by an earlier probe
+            if not counting and not celery_seam.count_fanout_receivers(channel):
                 return True  # not kombu's Redis channel: nothing to learn from
             channel.tq_fanout_receivers = None
             self._publish_empty_batch(producer)
