@@ -30,9 +30,9 @@ from typing import Any
 
 from celery import Celery
 from celery.events import get_exchange
-from kombu.connection import maybe_channel
 
 from celery_tq import celery_seam
+from celery_tq.event_probe import publish_empty_batch, receivers_of_empty_batch
 
 __all__ = ["PROBE_EVERY", "SentEvents"]
 
@@ -73,15 +73,16 @@ class SentEvents:
         nobody: Redis PUBLISH counts the subscribers; RabbitMQ returns a mandatory message no queue
         took before it confirms it."""
         driver = producer.connection.transport.driver_type
-        channel: Any = maybe_channel(producer.channel)
+        channel = producer.channel
+        conf = self.app.conf
+        exchange = get_exchange(producer.connection, name=conf.event_exchange)
+        options = {"serializer": conf.event_serializer, "delivery_mode": "transient", "retry": False}
         if driver == "redis":
             counting = hasattr(channel, "tq_fanout_receivers")  # set up by an earlier probe
             if not counting and not celery_seam.count_fanout_receivers(channel):
                 return True  # not kombu's Redis channel: nothing to learn from
-            channel.tq_fanout_receivers = None
-            self._publish_empty_batch(producer)
-            receivers = channel.tq_fanout_receivers
-            return receivers is None or int(receivers) > 0
+            receivers = receivers_of_empty_batch(producer, exchange, **options)
+            return receivers is None or receivers > 0
         if driver == "amqp" and _waits_for_confirms(channel):
             returned: list[object] = []
 
@@ -90,25 +91,11 @@ class SentEvents:
 
             channel.events["basic_return"].add(on_return)
             try:
-                self._publish_empty_batch(producer, mandatory=True)  # returned, then confirmed
+                publish_empty_batch(producer, exchange, mandatory=True, **options)  # returned, then confirmed
             finally:
                 channel.events["basic_return"].discard(on_return)
             return not returned
         return True  # an event costs no round trip here (or nothing tells): Celery's way
-
-    def _publish_empty_batch(self, producer: Any, **options: Any) -> None:
-        conf = self.app.conf
-        exchange = get_exchange(producer.connection, name=conf.event_exchange)
-        producer.publish(
-            [],
-            routing_key="task.multi",
-            exchange=exchange.name,
-            declare=[exchange],
-            serializer=conf.event_serializer,
-            delivery_mode="transient",
-            retry=False,
-            **options,
-        )
 
 
 def _waits_for_confirms(channel: Any) -> bool:

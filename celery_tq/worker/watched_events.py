@@ -40,6 +40,7 @@ from celery import bootsteps
 from kombu import Producer
 
 from celery_tq import celery_seam
+from celery_tq.event_probe import receivers_of_empty_batch
 from celery_tq.settings import settings_for
 
 __all__ = ["WatchedEvents"]
@@ -157,21 +158,16 @@ class _CountingProbe(_Probe):
 
     def _probe_empty(self) -> bool:
         dispatcher = self.dispatcher
-        channel = dispatcher.producer.channel
-        channel.tq_fanout_receivers = None
-        dispatcher.producer.publish(
-            [],
-            routing_key="task.multi",
-            exchange=dispatcher.exchange.name,
-            declare=[dispatcher.exchange],
+        receivers = receivers_of_empty_batch(
+            dispatcher.producer,
+            dispatcher.exchange,
             serializer=dispatcher.serializer,
             headers=dispatcher.headers,
             delivery_mode=dispatcher.delivery_mode,
         )
-        receivers = channel.tq_fanout_receivers
         if receivers is None:
             raise RuntimeError("the transport did not report the number of receivers")
-        return int(receivers) > 0
+        return receivers > 0
 
 
 class WatchedEvents(bootsteps.StartStopStep):
